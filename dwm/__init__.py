@@ -1,0 +1,1 @@
+"""dwm: the driving world model library (no Ray in here)."""

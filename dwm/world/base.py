@@ -1,0 +1,187 @@
+"""The world interface every backend (embedded highway-env, Carla) implements.
+
+Frames and units: world frame right-handed, x forward, y left, z up, metres, radians.
+The ego frame is the nuScenes one: origin on the ground under the rear axle, which sits
+1.5 m behind the vehicle's centre (the reference's Carla convention), x forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+REAR_AXLE_BEHIND_CENTRE_M = 1.5
+
+# Box categories the conditions know how to draw (reference colour table); anything else is
+# skipped by the renderer, as in the reference.
+BOX_CATEGORIES = ("car", "van", "truck", "bus", "motorcycle", "bicycle", "pedestrian")
+
+
+class MapKind(enum.IntEnum):
+    """Kinds of map line; the value is the code stored in `MapLines.kinds`."""
+
+    LANE_LINE = 0
+    ROAD_EDGE = 1
+    CROSSWALK = 2
+
+
+class UnknownEgoError(KeyError):
+    """Raised for an ego id the world does not hold; the message lists the known ids."""
+
+    def __init__(self, ego_id: str, known: list[str]):
+        super().__init__(ego_id)
+        self.ego_id = ego_id
+        self.known = list(known)
+
+    def __str__(self) -> str:
+        known = ", ".join(self.known) if self.known else "none"
+        return f"unknown ego {self.ego_id!r}; egos in this world: {known}"
+
+
+@dataclass
+class VehicleControl:
+    """Carla's `VehicleControl` semantics: sticky until changed.
+
+    throttle [0, 1], steer [-1, 1] (negative is left, as in Carla), brake [0, 1].
+    """
+
+    throttle: float = 0.0
+    steer: float = 0.0
+    brake: float = 0.0
+    reverse: bool = False
+    hand_brake: bool = False
+
+    RANGES = {"throttle": (0.0, 1.0), "steer": (-1.0, 1.0), "brake": (0.0, 1.0)}
+
+    def __post_init__(self) -> None:
+        for name, (lo, hi) in self.RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"control {name}={value!r} must be a number in [{lo}, {hi}]")
+            if not (lo <= float(value) <= hi):  # also rejects NaN
+                raise ValueError(f"control {name}={value!r} is outside the allowed range [{lo}, {hi}]")
+            setattr(self, name, float(value))
+        for name in ("reverse", "hand_brake"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"control {name}={getattr(self, name)!r} must be true or false")
+
+    def merged(self, **changes) -> "VehicleControl":
+        """A new control with some fields changed (the sticky-control update); validates."""
+        allowed = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"unknown control field(s) {unknown}; allowed: {sorted(allowed)}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Weather:
+    """Carla's weather parameters that the caption reads (degrees and percent)."""
+
+    sun_altitude_angle: float = 45.0  # deg above the horizon
+    precipitation: float = 0.0  # 0..100
+    fog_density: float = 0.0  # 0..100
+    cloudiness: float = 10.0  # 0..100
+
+
+@dataclass
+class Boxes:
+    """Oriented 3D boxes of the actors around an ego, in the world frame.
+
+    centers (N, 3) m, box centre; sizes (N, 3) m, full length (x), width (y), height (z);
+    yaws (N,) rad, heading about +z; categories: N names from `BOX_CATEGORIES`.
+    """
+
+    centers: np.ndarray
+    sizes: np.ndarray
+    yaws: np.ndarray
+    categories: list[str]
+
+    @staticmethod
+    def empty() -> "Boxes":
+        return Boxes(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0,)), [])
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+
+@dataclass
+class MapLines:
+    """Map polylines as straight segments, in the world frame (m).
+
+    starts (S, 3), ends (S, 3), kinds (S,) int codes of `MapKind`. Crosswalk outlines are
+    closed polygons (their last segment returns to the first point), as in the training data.
+    """
+
+    starts: np.ndarray
+    ends: np.ndarray
+    kinds: np.ndarray
+
+    @staticmethod
+    def empty() -> "MapLines":
+        return MapLines(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0,), dtype=np.int8))
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+
+@dataclass
+class Observation:
+    """What one ego sees at one simulation time: everything the conditions need."""
+
+    ego_id: str
+    sim_time: float  # s since the world started
+    ego_pose: np.ndarray  # (4, 4) world <- ego (rear axle, on the ground)
+    ego_speed: float  # m/s, signed: negative when reversing
+    boxes: Boxes  # other actors near the ego (the ego itself excluded)
+    map_lines: MapLines  # map segments near the ego
+    weather: Weather
+    environment: str  # scene description used in captions
+    control: VehicleControl = field(default_factory=VehicleControl)
+    autopilot: bool = False
+
+
+class World(ABC):
+    """A simulated world holding several ego cars, one per driving session."""
+
+    dt: float  # s of simulation time per tick
+
+    @abstractmethod
+    def add_ego(self, ego_id: str | None = None) -> str:
+        """Spawn an ego car; returns its id (generated when not given)."""
+
+    @abstractmethod
+    def remove_ego(self, ego_id: str) -> None:
+        """Remove an ego car and everything the world keeps for it."""
+
+    @abstractmethod
+    def egos(self) -> list[str]:
+        """Ids of the ego cars in the world."""
+
+    @abstractmethod
+    def apply_control(self, ego_id: str, control: VehicleControl) -> None:
+        """Set the ego's sticky control (held until the next call)."""
+
+    @abstractmethod
+    def set_autopilot(self, ego_id: str, enabled: bool) -> None:
+        """Hand the ego to the traffic model (True) or back to its controls (False)."""
+
+    @abstractmethod
+    def tick(self) -> float:
+        """Advance the world by `dt`; returns the new simulation time (s)."""
+
+    @abstractmethod
+    def observe(self, ego_id: str) -> Observation:
+        """The ego's current observation."""
+
+    @property
+    @abstractmethod
+    def sim_time(self) -> float:
+        """Simulation time (s)."""
+
+    def close(self) -> None:
+        """Release what the world holds (a server connection, spawned actors)."""
