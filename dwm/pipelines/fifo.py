@@ -1,0 +1,334 @@
+"""The banded FIFO denoising queue: pure tensor math, no model inside.
+
+A session's queue holds L = B*T latent frames at staggered noise levels. Every frame gets N
+Euler steps in its life; the model sees windows of T frames, and the queue is cut into B
+bands of T frames. Each push, a fresh noise frame enters band 0, every frame advances
+s = N / L steps (one *shift*), and the frame that is now clean leaves.
+
+Order of slots (the convention everywhere below):
+
+- Inside a band, position 0 is the cleanest (oldest) frame and position T-1 the noisiest
+  (newest), so a window is in temporal order, as the reference feeds it to the model.
+- Band 0 holds the newest frames and band B-1 the cleanest: noise enters band 0, each band
+  hands its cleanest frame on to band b+1, and band B-1's cleanest frame leaves the queue.
+- Counting all L slots from the cleanest, slot j = (B-1-b)*T + t. At the end of a shift slot
+  j sits at step index N - s*j; slot 0 is at N (sigma 0), done.
+
+With B=1, N=24, T=6 (s=4) this is exactly the reference schedule: a 24-call warm-up with
+idx_j = max(0, i - 4j) once six frames have arrived, then four calls per output frame.
+
+A `Band` is the unit that could live on its own device: it holds its T slots, advances them
+with a step function, and hands over one `Slot` (one latent frame, its payload and step
+index) per shift. `BandedFifoQueue` composes B bands and, on one device, advances all their
+windows as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from dwm.pipelines.schedule import flow_sigmas
+
+# B rows (one per band) of T payloads (window positions, cleanest first). The queue builds
+# one grid per shift and passes that same object to every step of the shift, so a step
+# function may prepare per-shift work (stacking frame contexts) once, keyed on its identity.
+PayloadGrid = tuple[tuple[Any, ...], ...]
+
+# on_step(done, total): called after each model call of a push; total is that push's count.
+ProgressCallback = Callable[[int, int], None]
+
+
+class StepFunction(Protocol):
+    """The model side of a step.
+
+    latents (B, T, V, C, h, w); timesteps (B, T, V) float32 = sigma * 1000 per slot, repeated
+    over views; payloads: the shift's `PayloadGrid` (the identical object on every step of
+    one shift). Returns the flow velocity (B, T, V, C, h, w).
+    """
+
+    def __call__(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, payloads: PayloadGrid
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class Slot:
+    """One frame of the queue: latent (V, C, h, w), its opaque payload, and how many Euler
+    steps it has had (index into the sigmas; N means clean)."""
+
+    latent: torch.Tensor
+    payload: Any
+    index: int
+
+
+class LeavingFrame(NamedTuple):
+    """A finished frame: latent (V, C, h, w) at sigma 0, and the payload it was pushed with."""
+
+    latent: torch.Tensor
+    payload: Any
+
+
+class Band:
+    """T consecutive slots of the queue, position 0 the cleanest.
+
+    State: `latents` (n, V, C, h, w) on the latents' device, `indices` (n,) long step indices
+    on the CPU (the schedule is computed there), `payloads` (n items), n <= T.
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+        self.latents: torch.Tensor | None = None
+        self.indices: torch.Tensor | None = None
+        self.payloads: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    @property
+    def full(self) -> bool:
+        return len(self) == self.window
+
+    def receive(self, slot: Slot) -> None:
+        """Append a frame at the noisy end (position n)."""
+        if self.full:
+            raise RuntimeError(f"band is full ({self.window} slots)")
+        latent = slot.latent[None]
+        index = torch.tensor([slot.index], dtype=torch.long)  # step indices live on the CPU
+        if self.latents is None:
+            self.latents, self.indices = latent, index
+        else:
+            self.latents = torch.cat([self.latents, latent])
+            self.indices = torch.cat([self.indices, index])
+        self.payloads.append(slot.payload)
+
+    def hand_over(self) -> Slot:
+        """Remove and return the cleanest frame (position 0)."""
+        if not self.payloads:
+            raise RuntimeError("band is empty")
+        slot = Slot(self.latents[0], self.payloads.pop(0), int(self.indices[0]))
+        self.latents, self.indices = self.latents[1:], self.indices[1:]
+        return slot
+
+    def clear(self) -> None:
+        self.latents, self.indices, self.payloads = None, None, []
+
+    def advance(
+        self,
+        step_fn: StepFunction,
+        sigmas: torch.Tensor,
+        steps: int,
+        delays: torch.Tensor | None = None,
+        on_call: Callable[[int], None] | None = None,
+    ) -> None:
+        """Run `steps` Euler steps on this band alone (the step function sees B=1).
+
+        sigmas (N+1,) float32 CPU; delays (T,) long, optional: see `advance_bands`.
+        """
+        advance_bands([self], step_fn, sigmas, steps, None if delays is None else delays[None], on_call)
+
+
+def advance_bands(
+    bands: Sequence[Band],
+    step_fn: StepFunction,
+    sigmas: torch.Tensor,
+    steps: int,
+    delays: torch.Tensor | None = None,
+    on_call: Callable[[int], None] | None = None,
+) -> None:
+    """Advance the full windows of `bands` by `steps` Euler steps, as one batch.
+
+    sigmas (N+1,) float32 on the CPU. delays (B, T) long, optional: slot (b, t) is only
+    updated from local step `delays[b, t]` on; before that it stays where it is (pure noise at
+    index 0 during the warm-up) but still sits in the window. The Euler update
+    x <- x + (sigma[idx+1] - sigma[idx]) * v is done in float32 and cast back to the latents'
+    dtype; slots not updated are left bit-identical.
+    """
+    if not all(band.full for band in bands):
+        raise RuntimeError("every band must hold a full window to advance")
+    latents = torch.stack([band.latents for band in bands])  # (B, T, V, C, h, w)
+    indices = torch.stack([band.indices for band in bands])  # (B, T) long, CPU
+    grid: PayloadGrid = tuple(tuple(band.payloads) for band in bands)
+    n_bands, window, views = latents.shape[:3]
+    if delays is None:
+        delays = torch.zeros_like(indices)
+
+    # The whole shift's schedule is known up front: compute it on the CPU and move it to
+    # the latents' device once, so the step loop is only the model call and the update.
+    k = torch.arange(steps).view(steps, 1, 1)
+    active = delays[None] <= k  # (steps, B, T)
+    at = indices[None] + (k - delays[None]).clamp(min=0)  # step index at the start of step k
+    if bool((indices + (steps - delays).clamp(min=0) >= sigmas.shape[0]).any()):
+        raise RuntimeError(f"a frame would be stepped past the last of {sigmas.shape[0] - 1} steps")
+    sigma = sigmas[at]  # (steps, B, T)
+    timesteps = (sigma * 1000).unsqueeze(-1).expand(-1, -1, -1, views).contiguous().to(latents.device)
+    dt = (sigmas[at + active.long()] - sigma).to(latents.device)  # (steps, B, T), <= 0
+    per_slot = (n_bands, window) + (1,) * (latents.dim() - 2)  # broadcast over (V, C, h, w)
+    mask = active.to(latents.device)
+
+    with torch.no_grad():
+        for i in range(steps):
+            velocity = step_fn(latents, timesteps[i], grid)
+            if velocity.shape != latents.shape:
+                raise ValueError(
+                    f"step function returned velocity of shape {tuple(velocity.shape)}; "
+                    f"expected the latents' shape {tuple(latents.shape)}"
+                )
+            stepped = (latents.float() + dt[i].view(per_slot) * velocity.float()).to(latents.dtype)
+            latents = torch.where(mask[i].view(per_slot), stepped, latents)
+            if on_call is not None:
+                on_call(i + 1)
+    indices = indices + (steps - delays).clamp(min=0)
+    for b, band in enumerate(bands):
+        band.latents, band.indices = latents[b], indices[b]
+
+
+class BandedFifoQueue:
+    """A session's denoising queue of L = bands * window frames.
+
+    steps: N, Euler steps each frame gets; window: T, frames the model sees at once;
+    bands: B; frame_shape: (V, C, h, w) of one latent frame. N must be a multiple of B*T;
+    each push advances every frame s = N / (B*T) steps. shift, train_steps: the flow-matching
+    schedule (`flow_sigmas`). seed: the queue's own noise generator (CPU, so the same seed
+    gives the same frames on any device). dtype, device: of the latents.
+
+    Life of a stream: the first L-1 pushes only gather (no model call); the L-th push runs
+    the N-step warm-up over all slots and returns the first frame; every later push runs s
+    steps and returns one frame. The k-th frame to leave carries the k-th pushed payload.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        window: int,
+        bands: int,
+        frame_shape: Sequence[int],
+        shift: float = 3.0,
+        train_steps: int = 1000,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        for name, value in (("steps", steps), ("window", window), ("bands", bands)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        length = window * bands
+        if steps % length:
+            raise ValueError(
+                f"steps ({steps}) must be a multiple of window * bands ({window} * {bands} = "
+                f"{length}), so that every frame advances the same whole number of steps per "
+                f"push; allowed: steps in {[length * k for k in range(1, 5)]}..."
+            )
+        frame_shape = tuple(int(n) for n in frame_shape)
+        if len(frame_shape) != 4 or min(frame_shape) < 1:
+            raise ValueError(f"frame_shape must be (V, C, h, w) of positive sizes, got {frame_shape}")
+        self.steps, self.window, self.num_bands = steps, window, bands
+        self.length = length
+        self.steps_per_shift = steps // length
+        self.frame_shape = frame_shape
+        self.dtype, self.device = dtype, torch.device(device)
+        self.sigmas = flow_sigmas(steps, shift, train_steps)  # (N+1,) float32, CPU
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        self.bands = [Band(window) for _ in range(bands)]
+        # Warm-up: slot j starts s*j steps late, so it ends at index N - s*j.
+        cleanest_first = torch.arange(length).view(bands, window).flip(0)  # (B, T) -> j
+        self._warmup_delays = self.steps_per_shift * cleanest_first
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def reset(self, seed: int | None = None) -> None:
+        """Empty the queue and restart its noise from `seed` (default: the queue's seed)."""
+        if seed is not None:
+            self.seed = seed
+        self.generator.manual_seed(self.seed)
+        for band in self.bands:
+            band.clear()
+        self.pushed = 0
+        self._last_payload: Any = None
+
+    def __len__(self) -> int:
+        """Frames inside the queue (L-1 between pushes once it runs)."""
+        return sum(len(band) for band in self.bands)
+
+    @property
+    def warming(self) -> bool:
+        """True until the warm-up has run (fewer than L frames have arrived)."""
+        return self.pushed < self.length
+
+    @property
+    def pushes_to_first_output(self) -> int:
+        """Pushes still needed before one returns a frame (counting that push); 0 once running."""
+        return max(0, self.length - self.pushed)
+
+    @property
+    def calls_for_next_push(self) -> int:
+        """Model calls the next push will make: 0 while gathering, N for the warm-up, s after."""
+        if self.pushed + 1 < self.length:
+            return 0
+        return self.steps if self.pushed + 1 == self.length else self.steps_per_shift
+
+    # -- stream --------------------------------------------------------------------------
+
+    def push(
+        self, payload: Any, step_fn: StepFunction, on_step: ProgressCallback | None = None
+    ) -> LeavingFrame | None:
+        """A new frame enters as noise; returns the frame that leaves, if one does.
+
+        payload: the frame's precomputed context, handed to `step_fn` and back with the frame.
+        step_fn: the model side (see `StepFunction`); passed per push so the queue holds no
+        model and a caller may route its windows wherever the denoiser lives.
+        on_step(done, total) is called after each model call of this push.
+        """
+        total = self.calls_for_next_push
+        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=torch.float32)
+        slot = Slot(noise.to(device=self.device, dtype=self.dtype), payload, 0)
+        if self.warming:
+            # Gathering fills the queue from the clean end: the first frame becomes slot 0.
+            self.bands[self.num_bands - 1 - self.pushed // self.window].receive(slot)
+        else:
+            self.bands[0].receive(slot)
+        self.pushed += 1
+        self._last_payload = payload
+        if self.warming:
+            return None
+
+        if self.pushed == self.length:  # the L-th frame: warm up all slots
+            steps, delays = self.steps, self._warmup_delays
+        else:
+            steps, delays = self.steps_per_shift, None
+        on_call = None if on_step is None else (lambda done: on_step(done, total))
+        advance_bands(self.bands, step_fn, self.sigmas, steps, delays, on_call)
+
+        leaving = self.bands[-1].hand_over()
+        if leaving.index != self.steps:
+            raise RuntimeError(f"leaving frame has had {leaving.index} of {self.steps} steps")
+        for b in range(self.num_bands - 2, -1, -1):
+            self.bands[b + 1].receive(self.bands[b].hand_over())
+        return LeavingFrame(leaving.latent, leaving.payload)
+
+    def flush(self, step_fn: StepFunction, on_step: ProgressCallback | None = None) -> list[LeavingFrame]:
+        """Finish every frame still inside and return them in order; the queue is then empty.
+
+        Pushes L-1 padding frames (fresh noise, the last payload) behind them, so each real
+        frame still gets its N steps in a full window; the padding is discarded. Costs
+        (L-1)*s model calls once running. The noise generator is not re-seeded.
+        """
+        out: list[LeavingFrame] = []
+        if len(self) == 0:
+            return out
+        inside, payload = len(self), self._last_payload
+        for _ in range(self.length - 1):
+            frame = self.push(payload, step_fn, on_step)
+            if frame is not None:
+                out.append(frame)
+        if len(out) != inside:
+            raise RuntimeError(f"flush returned {len(out)} frames of {inside}")
+        for band in self.bands:
+            band.clear()
+        self.pushed = 0
+        return out
