@@ -1,0 +1,252 @@
+"""Observation -> ConditionFrame: the layout images, camera scalars and captions of a frame."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dwm.conditions.caption import caption, object_words
+from dwm.conditions.colours import BOX_COLOURS, MAP_COLOURS
+from dwm.conditions.frame import ConditionFrame
+from dwm.conditions.projection import BOX_EDGES, box_corners, project_segments
+from dwm.conditions.raster import LINE_THICKNESS, clip_to_window, draw_grouped, resize_layouts, visible_in_image
+from dwm.conditions.rig import CameraRig
+from dwm.world.base import Boxes, MapKind, MapLines, Observation
+
+# Distinct box colours in drawing order; car and van share one.
+_BOX_PALETTE = list(dict.fromkeys(BOX_COLOURS.values()))
+_BOX_COLOUR_ID = {category: _BOX_PALETTE.index(colour) for category, colour in BOX_COLOURS.items()}
+# Map kind code -> its place in the drawing order of MAP_COLOURS.
+_MAP_PALETTE = list(MAP_COLOURS.values())
+_MAP_DRAW_RANK = np.zeros(max(int(k) for k in MapKind) + 1, dtype=np.intp)
+_MAP_DRAW_RANK[[int(k) for k in MAP_COLOURS]] = np.arange(len(MAP_COLOURS))
+assert set(MAP_COLOURS) == set(MapKind) and len(_MAP_DRAW_RANK) == len(MapKind), "kinds 0..K-1, all coloured"
+
+
+@dataclass
+class NativeLayout:
+    """The layout of one frame at the rig's native image size, before the resize.
+
+    boxes, maps: (V, H, W, 3) uint8 RGB. objects: per view, the caption's object words.
+    """
+
+    boxes: np.ndarray
+    maps: np.ndarray
+    objects: list[list[str]]
+
+
+class ConditionBuilder:
+    """Projects an observation into every camera of the rig and draws its layout.
+
+    rig: the rig config node (conf/rig/*.yaml) or a built `CameraRig`.
+    resolution: [H, W] of the model's condition images.
+    fps: the fps camera scalar (the world's tick rate in lockstep).
+    near_depth: m, segments are cut at this camera depth.
+    box_far_depth: m, box edges are cut at this camera depth.
+    box_max_distance: m, a box whose ground point is farther from the camera is not drawn.
+    map_far_depth: m, map lines are cut at this camera depth.
+    line_thickness: OpenCV pen thickness at the native size (2 draws the reference's 3-px lines).
+    min_object_coverage: fraction of the image a box's 2D extent must exceed to be captioned.
+    """
+
+    def __init__(
+        self,
+        rig: Mapping | CameraRig,
+        resolution=(176, 304),
+        fps: float = 10.0,
+        near_depth: float = 0.05,
+        box_far_depth: float = 512.0,
+        box_max_distance: float = 80.0,
+        map_far_depth: float = 65.0,
+        line_thickness: int = LINE_THICKNESS,
+        min_object_coverage: float = 0.005,
+    ):
+        self.rig = rig if isinstance(rig, CameraRig) else CameraRig.from_config(rig)
+        try:
+            height, width = (int(r) for r in resolution)
+            valid = height > 0 and width > 0 and [height, width] == list(resolution)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"resolution must be [H, W], two positive integers, got {resolution!r}")
+        self.resolution = (height, width)
+        if not (isinstance(fps, (int, float)) and fps > 0):
+            raise ValueError(f"fps must be a positive number, got {fps!r}")
+        if not 0 < near_depth < min(box_far_depth, map_far_depth):
+            raise ValueError(
+                f"need 0 < near_depth < the far depths, got near_depth={near_depth}, "
+                f"box_far_depth={box_far_depth}, map_far_depth={map_far_depth}"
+            )
+        if not box_max_distance > 0:
+            raise ValueError(f"box_max_distance must be positive, got {box_max_distance}")
+        if int(line_thickness) != line_thickness or line_thickness < 1:
+            raise ValueError(f"line_thickness must be a positive integer, got {line_thickness}")
+        if not 0 <= min_object_coverage < 1:
+            raise ValueError(f"min_object_coverage must be in [0, 1), got {min_object_coverage}")
+        self.fps = float(fps)
+        self.near_depth = float(near_depth)
+        self.box_far_depth = float(box_far_depth)
+        self.box_max_distance = float(box_max_distance)
+        self.map_far_depth = float(map_far_depth)
+        self.line_thickness = int(line_thickness)
+        self.min_object_coverage = float(min_object_coverage)
+        # Constant per rig: camera <- ego (V, 4, 4) and the camera scalars without fps.
+        self._camera_from_ego = np.linalg.inv(self.rig.ego_from_camera)
+        self._camera_params = self.rig.camera_params(self.fps)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, **overrides) -> "ConditionBuilder":
+        """From the composed config: `rig`, `pipeline.resolution` ([H, W]) and `pipeline.fps`;
+        keyword overrides go to the constructor (e.g. map_far_depth=80)."""
+        try:
+            rig, pipeline = cfg["rig"], cfg["pipeline"]
+            kwargs = {"resolution": list(pipeline["resolution"]), "fps": float(pipeline["fps"])}
+        except KeyError as err:
+            needs = "rig, pipeline.resolution, pipeline.fps"
+            raise ValueError(f"config lacks {err}; the conditions need {needs}") from None
+        return cls(rig, **{**kwargs, **overrides})
+
+    @property
+    def num_views(self) -> int:
+        return self.rig.num_views
+
+    def build(self, obs: Observation, fps: float | None = None) -> ConditionFrame:
+        """The conditions of `obs` for every view; fps overrides the fps scalar (realtime clock)."""
+        canvases, objects = self._render(obs)
+        views = self.num_views
+        images = resize_layouts(canvases.reshape((2 * views,) + canvases.shape[2:]), self.resolution)  # (2V, 3, H, W)
+        params = self._camera_params
+        if fps is not None and fps != self.fps:
+            params = params.copy()
+            params[:, 0] = fps
+        return ConditionFrame(
+            box_images=images[:views],
+            map_images=images[views:],
+            camera_params=torch.from_numpy(params.copy()),
+            captions=[caption(obs.weather, obs.environment, words) for words in objects],
+            sim_time=float(obs.sim_time),
+        )
+
+    def render(self, obs: Observation) -> NativeLayout:
+        """Draw the box and map layouts of `obs` at the native size, and find each view's
+        caption objects."""
+        canvases, objects = self._render(obs)
+        return NativeLayout(boxes=canvases[0], maps=canvases[1], objects=objects)
+
+    def _render(self, obs: Observation) -> tuple[np.ndarray, list[list[str]]]:
+        """Canvases (2, V, H, W, 3) uint8 (boxes, maps) and the caption objects per view."""
+        ego_pose = np.asarray(obs.ego_pose, dtype=np.float64)
+        if ego_pose.shape != (4, 4) or not np.isfinite(ego_pose).all():
+            raise ValueError(f"observation ego_pose must be a finite (4, 4) matrix, got shape {ego_pose.shape}")
+        camera_from_world = self._camera_from_ego @ np.linalg.inv(ego_pose)  # (V, 4, 4)
+        camera_positions = (ego_pose @ self.rig.ego_from_camera)[:, :3, 3]  # (V, 3) world, m
+        width, height = self.rig.image_size
+        canvases = np.zeros((2, self.num_views, height, width, 3), dtype=np.uint8)
+        box_categories = self._draw_boxes(canvases[0], obs.boxes, camera_from_world, camera_positions)
+        roads = self._draw_map(canvases[1], obs.map_lines, camera_from_world)
+        objects = [object_words(cats, bool(road)) for cats, road in zip(box_categories, roads)]
+        return canvases, objects
+
+    def _project(
+        self, camera_from_world: np.ndarray, starts: np.ndarray, ends: np.ndarray, far: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Project world segments starts -> ends (S, 3) into every view, cut at the near and
+        far depths, and keep the (view, segment) pairs that reach the image.
+
+        Returns views (n,), segment indices (n,), pixel ends p0, p1 (n, 2), ready to draw.
+        """
+        views, index, p0, p1 = project_segments(
+            camera_from_world, self.rig.intrinsics, starts, ends, self.near_depth, far
+        )
+        width, height = self.rig.image_size
+        shows, p0, p1 = clip_to_window(p0, p1, width, height, self.line_thickness + 2)
+        return views[shows], index[shows], p0, p1
+
+    def _draw_boxes(
+        self, canvases: np.ndarray, boxes: Boxes, camera_from_world: np.ndarray, camera_positions: np.ndarray
+    ) -> list[list[str]]:
+        """Draw boxes on canvases (V, H, W, 3); returns per view the categories of the boxes
+        covering enough of the image, nearest first."""
+        views = self.num_views
+        if len(boxes) == 0:
+            return [[] for _ in range(views)]
+        centers, sizes, yaws = _box_arrays(boxes)
+        categories = np.asarray(boxes.categories, dtype=str)
+        names, inverse = np.unique(categories, return_inverse=True)
+        colour_ids = np.array([_BOX_COLOUR_ID.get(name, -1) for name in names])[inverse]  # (N,), -1: not drawn
+        # The ground point (the actor's origin) decides whether a box is near enough.
+        ground = centers.copy()
+        ground[:, 2] -= sizes[:, 2] / 2
+        distance = np.linalg.norm(ground[None] - camera_positions[:, None], axis=-1)  # (V, N) m
+        near = distance <= self.box_max_distance
+        drawn = (colour_ids >= 0) & near.any(axis=0)
+        categories = categories[drawn]
+        colour_ids, distance, near = colour_ids[drawn], distance[:, drawn], near[:, drawn]
+
+        corners = box_corners(centers[drawn], sizes[drawn], yaws[drawn])  # (N, 8, 3)
+        starts = corners[:, BOX_EDGES[:, 0]].reshape(-1, 3)  # (N * 14, 3)
+        ends = corners[:, BOX_EDGES[:, 1]].reshape(-1, 3)
+        view_of, edge, p0, p1 = self._project(camera_from_world, starts, ends, self.box_far_depth)
+        box = edge // len(BOX_EDGES)
+        mine = near[view_of, box]  # the 80 m rule holds per camera
+        view_of, box, p0, p1 = view_of[mine], box[mine], p0[mine], p1[mine]
+        draw_grouped(canvases, view_of, colour_ids[box], p0, p1, _BOX_PALETTE, self.line_thickness)
+
+        # Caption: the 2D extent of each box's visible edges, as a share of the image.
+        width, height = self.rig.image_size
+        q0, q1, seen = visible_in_image(p0, p1, width, height)
+        lo = np.full((views, len(categories), 2), np.inf)
+        hi = np.full((views, len(categories), 2), -np.inf)
+        np.minimum.at(lo, (view_of[seen], box[seen]), np.minimum(q0, q1)[seen])
+        np.maximum.at(hi, (view_of[seen], box[seen]), np.maximum(q0, q1)[seen])
+        extent = np.where(np.isfinite(lo), hi - lo, 0.0)  # (V, N, 2) px
+        covered = extent[..., 0] * extent[..., 1] > self.min_object_coverage * width * height
+        order = np.argsort(distance, axis=1, kind="stable")
+        return [categories[order[v]][covered[v][order[v]]].tolist() for v in range(views)]
+
+    def _draw_map(self, canvases: np.ndarray, lines: MapLines, camera_from_world: np.ndarray) -> np.ndarray:
+        """Draw map lines on canvases (V, H, W, 3); returns (V,) whether any line shows."""
+        roads = np.zeros(self.num_views, dtype=bool)
+        if len(lines) == 0:
+            return roads
+        starts, ends, kinds = _map_arrays(lines)
+        view_of, index, p0, p1 = self._project(camera_from_world, starts, ends, self.map_far_depth)
+        draw_grouped(canvases, view_of, _MAP_DRAW_RANK[kinds[index]], p0, p1, _MAP_PALETTE, self.line_thickness)
+        width, height = self.rig.image_size
+        roads[view_of[visible_in_image(p0, p1, width, height)[2]]] = True
+        return roads
+
+
+def _box_arrays(boxes: Boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(boxes)
+    centers = np.asarray(boxes.centers, dtype=np.float64)
+    sizes = np.asarray(boxes.sizes, dtype=np.float64)
+    yaws = np.asarray(boxes.yaws, dtype=np.float64)
+    if centers.shape != (n, 3) or sizes.shape != (n, 3) or yaws.shape != (n,):
+        raise ValueError(
+            f"boxes must have centers (N, 3), sizes (N, 3), yaws (N,) for N={n} categories; "
+            f"got {centers.shape}, {sizes.shape}, {yaws.shape}"
+        )
+    return centers, sizes, yaws
+
+
+def _map_arrays(lines: MapLines) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    starts = np.asarray(lines.starts, dtype=np.float64)
+    ends = np.asarray(lines.ends, dtype=np.float64)
+    kinds = np.asarray(lines.kinds)
+    s = len(kinds)
+    if starts.shape != (s, 3) or ends.shape != (s, 3) or kinds.shape != (s,):
+        raise ValueError(
+            "map lines must have starts (S, 3), ends (S, 3), kinds (S,); "
+            f"got {starts.shape}, {ends.shape}, {kinds.shape}"
+        )
+    allowed = ", ".join(f"{int(k)} ({k.name})" for k in MapKind)
+    if kinds.dtype.kind not in "iu":
+        raise ValueError(f"map line kinds must be integer MapKind codes, got dtype {kinds.dtype}; allowed: {allowed}")
+    if s and (kinds.min() < 0 or kinds.max() >= len(_MAP_DRAW_RANK)):
+        bad = sorted(set(kinds[(kinds < 0) | (kinds >= len(_MAP_DRAW_RANK))].tolist()))
+        raise ValueError(f"unknown map line kind codes {bad}; allowed: {allowed}")
+    return starts, ends, kinds

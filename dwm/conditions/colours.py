@@ -1,0 +1,30 @@
+"""The layout colour table (RGB, 0-255): the only place colours of the layout are defined.
+
+The released model was trained on these colours (nuScenes semantics: drivable-area border
+blue, lane green, pedestrian crossing red), so they are fixed, not configurable. Blue and red
+each have two meanings, one in the box image and one in the map image, as in the reference.
+"""
+
+from __future__ import annotations
+
+from dwm.world.base import MapKind
+
+RGB = tuple[int, int, int]
+
+# Box categories the layout draws; any other category is skipped, as in the reference.
+BOX_COLOURS: dict[str, RGB] = {
+    "pedestrian": (255, 0, 0),
+    "bicycle": (128, 255, 0),
+    "motorcycle": (0, 255, 128),
+    "bus": (128, 0, 255),
+    "car": (0, 0, 255),
+    "van": (0, 0, 255),
+    "truck": (255, 255, 0),
+}
+
+# Map kinds in drawing order: later kinds paint over earlier ones (crosswalks on top).
+MAP_COLOURS: dict[MapKind, RGB] = {
+    MapKind.LANE_LINE: (0, 255, 0),
+    MapKind.ROAD_EDGE: (0, 0, 255),
+    MapKind.CROSSWALK: (255, 0, 0),
+}
