@@ -1,0 +1,423 @@
+"""The embedded default denoiser: CTSD 3.5 XS's architecture at a tiny size, random weights.
+
+The structure follows the released model (an SD3 MMDiT with per-image timesteps, a layout
+image adapter, a camera embedding, temporal and row-wise cross-view attention blocks mixed in
+with learned sigmoid factors), built from diffusers' SD3 pieces, so every path the real model
+takes is exercised here: the pipeline, the queue and the serving layer cannot tell them apart
+except by speed and picture quality. Module names follow the released model's where they have
+a counterpart (`pos_embed`, `time_text_embed`, `context_embedder`, `transformer_blocks`, ...).
+
+Shapes, for one forward: latents (N, T, V, C, h, w) are flattened to B = N*T*V images; each
+image is S = (h/p)*(w/p) tokens of width D; prompts are L tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention import FeedForward, JointTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import (
+    CombinedTimestepTextProjEmbeddings,
+    PatchEmbed,
+    TimestepEmbedding,
+    Timesteps,
+)
+from diffusers.models.normalization import AdaLayerNormContinuous
+from diffusers.models.resnet import AlphaBlender
+from torch import nn
+
+from dwm.conditions.frame import CAMERA_PARAM_NAMES
+from dwm.models.base import Denoiser, FrameContext, TextEmbedding
+
+# Keys of a FrameContext built by `TinyDenoiser.frame_context`, with their per-frame shapes.
+CONTEXT_KEYS = (
+    "layout_features",  # (V, K, S, D): the adapter's residual for each of the first K blocks
+    "prompt_tokens",  # (V, L, D): prompt tokens after `context_embedder`
+    "pooled_embedding",  # (V, D): pooled prompt after `time_text_embed.text_embedder`
+    "camera_embedding",  # (V, D): the 11 camera scalars through sinusoids and an MLP
+)
+
+LAYOUT_CHANNELS = 6  # 3D-box image then HD-map image, RGB each
+VAE_DOWNSCALE = 8  # pixels per latent cell (the SD3 VAE)
+
+
+class AdapterResnetBlock(nn.Module):
+    """T2I-Adapter's residual block: 3x3 conv, ReLU, 1x1 conv, plus the input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.ReLU()
+        self.block2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block2(self.act(self.block1(x)))
+
+
+class LayoutAdapter(nn.Module):
+    """Layout images -> one feature map per early transformer block (T2I-Adapter style).
+
+    (B, 6, H, W) -> PixelUnshuffle(8) -> (B, 384, H/8, W/8) -> average pool by the patch size
+    -> 1x1 conv to D -> K stages of residual blocks; stage k's output goes through a 1x1
+    output conv and is added to the image tokens before transformer block k.
+
+    The released model zero-initialises the output convs, so that its training starts from a
+    model the layout does not disturb, and then learns them. The tiny model is never trained:
+    zero output convs would stay zero and the layout would have no effect on anything it
+    makes. So they keep PyTorch's default initialisation, and a different layout gives a
+    different velocity, most of all in the image regions where the layouts differ.
+    """
+
+    def __init__(self, width: int, num_stages: int, patch_size: int, num_res_blocks: int = 2):
+        super().__init__()
+        unshuffled = LAYOUT_CHANNELS * VAE_DOWNSCALE**2
+        self.unshuffle = nn.PixelUnshuffle(VAE_DOWNSCALE)
+        self.pool = nn.AvgPool2d(patch_size)
+        self.conv_in = nn.Conv2d(unshuffled, width, 1)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(AdapterResnetBlock(width) for _ in range(num_res_blocks)))
+            for _ in range(num_stages)
+        )
+        self.output_convs = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(num_stages))
+
+    def forward(self, layout: torch.Tensor) -> torch.Tensor:
+        """layout (B, 6, H, W) in [0, 1] -> features (B, K, S, D), S = (H/8/p) * (W/8/p)."""
+        x = self.conv_in(self.pool(self.unshuffle(layout)))
+        if not self.stages:
+            return x.new_zeros(x.shape[0], 0, x.shape[2] * x.shape[3], x.shape[1])
+        features = []
+        for stage, output_conv in zip(self.stages, self.output_convs):
+            x = stage(x)
+            features.append(output_conv(x).flatten(2).transpose(1, 2))  # (B, S, D)
+        return torch.stack(features, dim=1)
+
+
+class AxialAttentionBlock(nn.Module):
+    """Self-attention along one axis of the window (frames, or views of a token row).
+
+    The released model's temporal / cross-view block: x += FF_in(LN x); x += Attn(LN x);
+    x += FF(LN x), GEGLU feed-forwards, q/k RMS-normalised, q/k/v without bias.
+    (B', n, D) -> (B', n, D), where n runs over the attended axis.
+    """
+
+    def __init__(self, width: int, heads: int, head_dim: int, ff_mult: int, qk_norm: str | None):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(width)
+        self.ff_in = FeedForward(width, dim_out=width, mult=ff_mult, activation_fn="geglu")
+        self.norm1 = nn.LayerNorm(width)
+        self.attn1 = Attention(
+            query_dim=width, heads=heads, dim_head=head_dim, bias=False, qk_norm=qk_norm, eps=1e-6
+        )
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = FeedForward(width, dim_out=width, mult=ff_mult, activation_fn="geglu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ff_in(self.norm_in(x))
+        x = x + self.attn1(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class TinyDenoiser(Denoiser):
+    """A cross-view temporal MMDiT (the CTSD 3.5 XS structure) at a tiny size.
+
+    Constructor arguments are the config keys (conf/model/tiny.yaml). `seed` fixes every
+    random weight: the same seed builds identical weights. `joint_attention_dim` and
+    `pooled_projection_dim` must match the text encoder's token and pooled widths.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        num_layers: int = 2,
+        num_attention_heads: int = 2,
+        attention_head_dim: int = 16,
+        latent_channels: int = 16,
+        patch_size: int = 2,
+        sample_size: int = 32,
+        pos_embed_max_size: int = 64,
+        joint_attention_dim: int = 64,
+        pooled_projection_dim: int = 32,
+        qk_norm: str | None = "rms_norm",
+        dual_attention_layers: list[int] | None = None,
+        adapter_layers: int = 2,
+        camera_frequencies: int = 32,
+        temporal_layers: list[int] | None = None,
+        crossview_layers: list[int] | None = None,
+        axial_ff_mult: int = 2,
+        merge_factor: float = 2.0,
+    ):
+        super().__init__()
+        every_layer = list(range(num_layers))
+        temporal_layers = every_layer if temporal_layers is None else list(temporal_layers)
+        crossview_layers = every_layer[1::2] if crossview_layers is None else list(crossview_layers)
+        dual_attention_layers = (
+            every_layer if dual_attention_layers is None else list(dual_attention_layers)
+        )
+        for key, layers in (
+            ("temporal_layers", temporal_layers),
+            ("crossview_layers", crossview_layers),
+            ("dual_attention_layers", dual_attention_layers),
+        ):
+            if any(i not in every_layer for i in layers):
+                raise ValueError(
+                    f"{key}={layers}: every entry must be a block index in [0, {num_layers})"
+                )
+        if not 0 <= adapter_layers <= num_layers:
+            raise ValueError(
+                f"adapter_layers={adapter_layers}: must be in [0, num_layers={num_layers}]"
+            )
+
+        self.latent_channels = latent_channels
+        self.patch_size = patch_size
+        self.adapter_layers = adapter_layers
+        self.temporal_layers = temporal_layers
+        self.crossview_layers = crossview_layers
+        width = num_attention_heads * attention_head_dim
+        self.width = width
+
+        def axial_block() -> AxialAttentionBlock:
+            return AxialAttentionBlock(
+                width, num_attention_heads, attention_head_dim, axial_ff_mult, qk_norm
+            )
+
+        def index_embedding() -> TimestepEmbedding:
+            return TimestepEmbedding(width, width * 4, out_dim=width)
+
+        # Build under a private RNG so that the seed alone fixes the weights and the caller's
+        # global RNG stream is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # A sin-cos table for pos_embed_max_size^2 tokens, centre-cropped to each input.
+            self.pos_embed = PatchEmbed(
+                height=sample_size,
+                width=sample_size,
+                patch_size=patch_size,
+                in_channels=latent_channels,
+                embed_dim=width,
+                pos_embed_max_size=pos_embed_max_size,
+            )
+            self.time_text_embed = CombinedTimestepTextProjEmbeddings(width, pooled_projection_dim)
+            self.context_embedder = nn.Linear(joint_attention_dim, width)
+            # The last block only reads the prompt tokens (no text update after it), as in SD3.
+            self.transformer_blocks = nn.ModuleList(
+                JointTransformerBlock(
+                    dim=width,
+                    num_attention_heads=num_attention_heads,
+                    attention_head_dim=attention_head_dim,
+                    context_pre_only=i == num_layers - 1,
+                    qk_norm=qk_norm,
+                    use_dual_attention=i in dual_attention_layers,
+                )
+                for i in range(num_layers)
+            )
+            self.norm_out = AdaLayerNormContinuous(
+                width, width, elementwise_affine=False, eps=1e-6
+            )
+            self.proj_out = nn.Linear(width, patch_size * patch_size * latent_channels)
+
+            self.condition_image_adapter = LayoutAdapter(width, adapter_layers, patch_size)
+            # Each camera scalar -> sinusoid of `camera_frequencies` channels -> MLP to D.
+            self.view_cam_proj = Timesteps(
+                camera_frequencies, flip_sin_to_cos=True, downscale_freq_shift=0
+            )
+            self.view_embedding = TimestepEmbedding(
+                camera_frequencies * len(CAMERA_PARAM_NAMES), width
+            )
+            # Frame / view indices -> sinusoid of D channels, then a per-layer MLP.
+            self.index_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
+            # Temporal and cross-view branches, each mixed in as sigmoid(m)*x + (1-sigmoid(m))*y.
+            self.time_pos_embeds = nn.ModuleList(index_embedding() for _ in temporal_layers)
+            self.temporal_transformer_blocks = nn.ModuleList(
+                axial_block() for _ in temporal_layers
+            )
+            self.time_mixers = nn.ModuleList(
+                AlphaBlender(merge_factor, "learned") for _ in temporal_layers
+            )
+            self.view_pos_embeds = nn.ModuleList(index_embedding() for _ in crossview_layers)
+            self.crossview_transformer_blocks = nn.ModuleList(
+                axial_block() for _ in crossview_layers
+            )
+            self.view_mixers = nn.ModuleList(
+                AlphaBlender(merge_factor, "learned") for _ in crossview_layers
+            )
+
+    @torch.no_grad()
+    def frame_context(
+        self, layout: torch.Tensor, camera_params: torch.Tensor, text: TextEmbedding
+    ) -> FrameContext:
+        """Per-frame work, done once in the frame's life (see `CONTEXT_KEYS` for the result).
+
+        layout (V, 6, H, W) in [0, 1], H and W multiples of 8 * patch_size; camera_params
+        (V, 11), see `CAMERA_PARAM_NAMES`; text: V prompts, tokens (V, L, joint_attention_dim)
+        and pooled (V, pooled_projection_dim). Inputs may live on any device; the context
+        lives on the model's device and dtype. Views are independent here, so contexts built
+        frame by frame and stacked equal one built for the whole stack.
+        No autograd graph: a context lives across many denoising steps.
+        """
+        views = layout.shape[0]
+        multiple = VAE_DOWNSCALE * self.patch_size
+        if (
+            layout.ndim != 4
+            or layout.shape[1] != LAYOUT_CHANNELS
+            or layout.shape[2] % multiple
+            or layout.shape[3] % multiple
+        ):
+            raise ValueError(
+                f"layout has shape {tuple(layout.shape)}; expected (V, {LAYOUT_CHANNELS}, H, W) "
+                f"with H and W multiples of {multiple}"
+            )
+        if camera_params.shape != (views, len(CAMERA_PARAM_NAMES)):
+            raise ValueError(
+                f"camera_params has shape {tuple(camera_params.shape)}; expected ({views}, "
+                f"{len(CAMERA_PARAM_NAMES)}): one row of {CAMERA_PARAM_NAMES} per view"
+            )
+        if text.tokens.ndim != 3 or text.pooled.ndim != 2:
+            raise ValueError(
+                f"text has tokens {tuple(text.tokens.shape)} and pooled "
+                f"{tuple(text.pooled.shape)}; expected (P, L, D) and (P, D_pooled)"
+            )
+        if text.tokens.shape[0] != views or text.pooled.shape[0] != views:
+            raise ValueError(
+                f"text has {text.tokens.shape[0]} token rows and {text.pooled.shape[0]} pooled "
+                f"rows; expected one prompt per view ({views})"
+            )
+        widths = (text.tokens.shape[-1], text.pooled.shape[-1])
+        expected = (
+            self.context_embedder.in_features,
+            self.time_text_embed.text_embedder.linear_1.in_features,
+        )
+        if widths != expected:
+            raise ValueError(
+                f"text widths (tokens, pooled) = {widths} do not match the denoiser's "
+                f"(joint_attention_dim, pooled_projection_dim) = {expected}"
+            )
+        param = self.context_embedder.weight
+        layout, camera_params, tokens, pooled = (
+            x.to(param.device, param.dtype)
+            for x in (layout, camera_params, text.tokens, text.pooled)
+        )
+        camera = self.view_cam_proj(camera_params.flatten()).to(param.dtype)  # (V*11, F)
+        return {
+            "layout_features": self.condition_image_adapter(layout),
+            "prompt_tokens": self.context_embedder(tokens),
+            "pooled_embedding": self.time_text_embed.text_embedder(pooled),
+            "camera_embedding": self.view_embedding(camera.reshape(views, -1)),
+        }
+
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: FrameContext
+    ) -> torch.Tensor:
+        """Velocity for N windows of T frames of V views.
+
+        latents (N, T, V, C, h, w); timesteps (N, T, V) = sigma * 1000, each image gets its own
+        adaLN modulation; context: `frame_context` results stacked into (N, T, V, ...) tensors.
+        Returns (N, T, V, C, h, w).
+        """
+        n, t, v, c, h, w = self._check_inputs(latents, timesteps, context)
+        p = self.patch_size
+        hp, wp = h // p, w // p
+        batch = n * t * v
+        ctx = {key: context[key].flatten(0, 2) for key in CONTEXT_KEYS}
+
+        hidden = self.pos_embed(latents.reshape(batch, c, h, w)).contiguous()  # (B, S, D)
+        # One timestep per image: each image gets its own adaLN modulation. The pooled-text
+        # half of SD3's `time_text_embed` was done in frame_context. temb (B, D).
+        time_proj = self.time_text_embed.time_proj(timesteps.reshape(batch)).to(hidden.dtype)
+        temb = self.time_text_embed.timestep_embedder(time_proj) + ctx["pooled_embedding"]
+        prompt = ctx["prompt_tokens"]  # (B, L, D)
+        camera = ctx["camera_embedding"].view(n, t, v, 1, -1)
+        # Window-relative frame indices 0..T-1 and view indices 0..V-1: (T, D), (V, D).
+        frame_index = self.index_proj(torch.arange(t, device=hidden.device)).to(hidden.dtype)
+        view_index = self.index_proj(torch.arange(v, device=hidden.device)).to(hidden.dtype)
+
+        for i, block in enumerate(self.transformer_blocks):
+            if i < self.adapter_layers:
+                hidden = hidden + ctx["layout_features"][:, i]
+            prompt, hidden = block(hidden_states=hidden, encoder_hidden_states=prompt, temb=temb)
+            if i in self.temporal_layers:
+                k = self.temporal_layers.index(i)
+                emb = self.time_pos_embeds[k](frame_index).view(1, t, 1, 1, -1) + camera
+                mixed = self._temporal(self.temporal_transformer_blocks[k], hidden, emb, n, t, v)
+                hidden = self.time_mixers[k](hidden, mixed)
+            if i in self.crossview_layers:
+                k = self.crossview_layers.index(i)
+                emb = self.view_pos_embeds[k](view_index).view(1, 1, v, 1, -1) + camera
+                block_v = self.crossview_transformer_blocks[k]
+                mixed = self._crossview(block_v, hidden, emb, n * t, v, hp, wp)
+                hidden = self.view_mixers[k](hidden, mixed)
+
+        hidden = self.proj_out(self.norm_out(hidden, temb))  # (B, S, p*p*C)
+        hidden = hidden.reshape(n, t, v, hp, wp, p, p, c)
+        return torch.einsum("ntvhwpqc->ntvchpwq", hidden).reshape(n, t, v, c, h, w)
+
+    @staticmethod
+    def _temporal(
+        block: AxialAttentionBlock, hidden: torch.Tensor, emb: torch.Tensor, n: int, t: int, v: int
+    ) -> torch.Tensor:
+        """Each spatial token attends across the window's T frames (no causal mask).
+
+        hidden (N*T*V, S, D); emb (N, T, V, 1, D): frame index + camera embedding.
+        """
+        s, d = hidden.shape[1:]
+        x = hidden.reshape(n, t, v, s, d) + emb
+        x = x.permute(0, 2, 3, 1, 4).reshape(n * v * s, t, d)
+        x = block(x)
+        return x.view(n, v, s, t, d).permute(0, 3, 1, 2, 4).reshape(n * t * v, s, d)
+
+    @staticmethod
+    def _crossview(
+        block: AxialAttentionBlock,
+        hidden: torch.Tensor,
+        emb: torch.Tensor,
+        nt: int,
+        v: int,
+        hp: int,
+        wp: int,
+    ) -> torch.Tensor:
+        """Row-wise cross-view attention: each token row attends to the same row in all views.
+
+        hidden (N*T*V, hp*wp, D); emb (N, T, V, 1, D): view index + camera embedding.
+        """
+        d = hidden.shape[-1]
+        x = hidden.reshape(nt, v, hp * wp, d) + emb.reshape(nt, v, 1, d)
+        x = x.view(nt, v, hp, wp, d).permute(0, 2, 1, 3, 4).reshape(nt * hp, v * wp, d)
+        x = block(x)
+        return x.view(nt, hp, v, wp, d).permute(0, 2, 1, 3, 4).reshape(nt * v, hp * wp, d)
+
+    def _check_inputs(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: FrameContext
+    ) -> tuple[int, ...]:
+        # Shape checks only: they read Python ints and never synchronise with the device.
+        if latents.ndim != 6 or latents.shape[3] != self.latent_channels:
+            raise ValueError(
+                f"latents has shape {tuple(latents.shape)}; "
+                f"expected (N, T, V, {self.latent_channels}, h, w)"
+            )
+        n, t, v, c, h, w = latents.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"latent size {h}x{w} must be a multiple of patch_size={self.patch_size}"
+            )
+        if timesteps.shape != (n, t, v):
+            raise ValueError(
+                f"timesteps has shape {tuple(timesteps.shape)}; expected (N, T, V) = {(n, t, v)}"
+            )
+        missing = [key for key in CONTEXT_KEYS if key not in context]
+        if missing:
+            raise ValueError(
+                f"context lacks {missing}; build it with frame_context (keys {CONTEXT_KEYS})"
+            )
+        for key in CONTEXT_KEYS:
+            if context[key].shape[:3] != (n, t, v):
+                raise ValueError(
+                    f"context[{key!r}] has shape {tuple(context[key].shape)}; "
+                    f"expected leading (N, T, V) = {(n, t, v)}"
+                )
+        tokens = (h // self.patch_size) * (w // self.patch_size)
+        if context["layout_features"].shape[4] != tokens:
+            raise ValueError(
+                f"the layout gives {context['layout_features'].shape[4]} tokens per image but "
+                f"{h}x{w} latents have {tokens}: layout images must be {VAE_DOWNSCALE}x the "
+                f"latent size ({VAE_DOWNSCALE * h}x{VAE_DOWNSCALE * w})"
+            )
+        return n, t, v, c, h, w
