@@ -1,0 +1,104 @@
+"""Compose the decoded views of one frame into the single RGB strip that is published."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Strength of the layout overlay: the reference's preview blends at most 60 % layout colour.
+OVERLAY_OPACITY = 0.6
+
+
+def compose_strip(
+    views: torch.Tensor,
+    output_size: Sequence[int],
+    layout: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Put the V views side by side, left to right in rig order, optionally with the layout.
+
+    views: (V, 3, H, W) float in [0, 1], the decoded RGB views (values outside are clipped).
+    output_size: [h, w], the size of each view in the strip (config `pipeline.output_size`).
+    layout: optional (V, 6, H', W') float in [0, 1], box image channels then map image
+        channels (`ConditionFrame.layout`). It is drawn over the views with the reference's
+        preview rule: cond = max(box, map) per pixel and channel, nearest-resized to [h, w];
+        alpha = 0.6 * max over channels of cond; out = cond * 255 * alpha + img * (1 - alpha).
+
+    Returns the strip, (h, V * w, 3) uint8, C-contiguous (ready for the encoder).
+    """
+    h, w = _check_output_size(output_size)
+    if not isinstance(views, torch.Tensor) or views.ndim != 4 or views.shape[1] != 3:
+        raise ValueError(
+            f"views must be a (V, 3, H, W) tensor of RGB images, got "
+            f"{tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__}"
+        )
+    num_views = views.shape[0]
+    if num_views == 0:
+        raise ValueError("views must hold at least one view, got V = 0")
+
+    with torch.no_grad():
+        img = views.detach().to("cpu", torch.float32)
+        if img.shape[-2:] != (h, w):
+            # Bilinear with antialiasing matches PIL's bilinear resize (the reference resizes
+            # PIL images), also when shrinking.
+            img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        cond = None if layout is None else _layout_condition(layout, num_views, h, w)
+
+    # The per-pixel work runs in numpy, in place on two strip-sized buffers: torch's thread
+    # pool costs more than it saves on arrays this small, most of all on busy CPUs.
+    strip = _to_strip(img.numpy())  # (h, V*w, 3) float32, a copy
+    np.clip(strip, 0.0, 1.0, out=strip)
+    strip *= 255.0
+    np.rint(strip, out=strip)  # the view as uint8 values, as the reference blends them
+    if cond is None:
+        return strip.astype(np.uint8)
+
+    overlay = _to_strip(cond)  # (h, V*w, 3) float32
+    np.clip(overlay, 0.0, 1.0, out=overlay)
+    # (h, V*w, 1); pairwise, as numpy reduces slowly over a 3-long last axis.
+    alpha = np.maximum(np.maximum(overlay[..., 0], overlay[..., 1]), overlay[..., 2])[..., None]
+    alpha *= OVERLAY_OPACITY
+    overlay *= 255.0
+    overlay *= alpha
+    np.subtract(1.0, alpha, out=alpha)
+    strip *= alpha
+    strip += overlay
+    # At most 255 (a convex blend of values <= 255); truncated like the reference's astype.
+    return strip.astype(np.uint8)
+
+
+def _to_strip(images: np.ndarray) -> np.ndarray:
+    """(V, 3, h, w) -> (h, V*w, 3) float32, a new array: the views side by side."""
+    v, c, h, w = images.shape
+    strip = np.empty((h, v, w, c), np.float32)
+    strip[...] = images.transpose(2, 0, 3, 1)
+    return strip.reshape(h, v * w, c)
+
+
+def _layout_condition(layout: torch.Tensor, num_views: int, h: int, w: int) -> np.ndarray:
+    """(V, 6, H', W') boxes then map -> (V, 3, h, w) float32 max(box, map), nearest-resized."""
+    if not isinstance(layout, torch.Tensor) or layout.ndim != 4 or layout.shape[1] != 6:
+        raise ValueError(
+            "layout must be a (V, 6, H, W) tensor (box image channels then map image channels), "
+            f"got {tuple(layout.shape) if isinstance(layout, torch.Tensor) else type(layout).__name__}"
+        )
+    if layout.shape[0] != num_views:
+        raise ValueError(f"layout has {layout.shape[0]} views but views has {num_views}; they must match")
+    lay = layout.detach().to("cpu", torch.float32).numpy()
+    cond = np.maximum(lay[:, :3], lay[:, 3:])
+    if cond.shape[-2:] != (h, w):
+        # torch's nearest, as the reference: source index floor(i * in / out).
+        cond = F.interpolate(torch.from_numpy(cond), size=(h, w), mode="nearest").numpy()
+    return cond
+
+
+def _check_output_size(output_size: Sequence[int]) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in output_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"output_size must be [height, width], got {output_size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"output_size must be two positive sizes [height, width], got {list(output_size)!r}")
+    return h, w
