@@ -1,0 +1,104 @@
+"""Drive one ego car through the whole frame loop in one process, no Ray.
+
+    python -m dwm.run frames=60 out=drive.mp4
+    python -m dwm.run world.map=roundabout rig=nusc_3views pipeline.bands=2 stream.rtsp.url=rtsp://127.0.0.1:8554/dwm
+
+Arguments are Hydra overrides of `conf/` (the same config the Serve app composes). The ego
+drives on autopilot. The video goes to `out` (MP4) and, when `stream.rtsp.url` is set, to
+`{stream.rtsp.url}/run` over RTSP.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from dwm.config import ConfigError, compose, instantiate
+from dwm.pipelines.streaming import GeneratedFrame
+from dwm.session import DrivingSession
+from dwm.streaming.compose import compose_strip
+from dwm.streaming.encoder import StreamConnectionError, VideoPublisher, session_rtsp_url
+
+
+class Progress:
+    """One status line: gathering conditions, then the warm-up's model calls, then frames."""
+
+    def __init__(self, frames: int, stream=sys.stderr):
+        self.frames, self.stream = frames, stream
+        self.tty = stream.isatty()
+        self.started = time.perf_counter()
+        self._last_line = 0.0
+
+    def show(self, text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.tty:
+            self.stream.write(f"\r\033[K{text}")
+            self.stream.flush()
+        elif force or now - self._last_line >= 2.0:  # a log, not a flood, when piped
+            self.stream.write(text + "\n")
+            self._last_line = now
+
+    def warmup_step(self, done: int, total: int) -> None:
+        self.show(f"warming up the queue: model call {done}/{total}", force=done == total)
+
+    def frame(self, frame: GeneratedFrame, speed: float) -> None:
+        n = frame.index + 1
+        if n == 1:
+            self.first = time.perf_counter()
+        rate = (n - 1) / max(time.perf_counter() - self.first, 1e-9)
+        self.show(
+            f"frame {n}/{self.frames}  sim {frame.conditions.sim_time:6.1f} s  "
+            f"ego {speed * 3.6:5.1f} km/h  {rate:4.1f} frames/s",
+            force=n == self.frames,
+        )
+
+    def done(self, path: str | None) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        took = time.perf_counter() - self.started
+        where = f" -> {path}" if path else ""
+        self.stream.write(f"{self.frames} frames in {took:.1f} s{where}\n")
+
+
+def run(overrides: list[str]) -> int:
+    cfg = compose(overrides)
+    if int(cfg.frames) < 1:
+        raise ConfigError(f"frames={cfg.frames}: must be at least 1")
+    world = instantiate(cfg, "world")
+    session = DrivingSession.from_config(cfg, world, ego_id="ego", autopilot=True)
+    rtsp = session_rtsp_url(cfg.stream.rtsp.url, "run") if cfg.stream.rtsp.url else None
+    if cfg.out is None and rtsp is None:
+        raise ConfigError("nothing to write: set out=FILE.mp4 and/or stream.rtsp.url=rtsp://HOST:PORT/PATH")
+    progress = Progress(int(cfg.frames))
+    warm = session.pipeline.depth + 1
+    output_size = tuple(cfg.pipeline.output_size)
+    with VideoPublisher.from_config(cfg.stream, cfg.out, rtsp, fps=cfg.pipeline.fps) as publisher:
+        written = 0
+        while written < cfg.frames:
+            if session.pipeline.warming and session.pipeline.queue.calls_for_next_push == 0:
+                progress.show(f"gathering conditions: {session.pipeline.frames_in + 1}/{warm}")
+            for frame in session.step(on_step=progress.warmup_step if session.pipeline.warming else None):
+                layout = frame.conditions.layout if cfg.stream.overlay else None
+                publisher.publish(compose_strip(frame.images, output_size, layout), frame.conditions.sim_time)
+                written += 1
+                progress.frame(frame, session.last_observation.ego_speed)
+            world.tick()
+    session.close()
+    world.close()
+    progress.done(cfg.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, StreamConnectionError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
