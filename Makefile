@@ -24,7 +24,8 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) -m bench.bench_conditions
+	$(PY) -m bench.bench_loop
 
 clean:
 	rm -rf $(VENV) .pytest_cache
