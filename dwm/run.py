@@ -10,6 +10,7 @@ drives on autopilot. The video goes to `out` (MP4) and, when `stream.rtsp.url` i
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -89,14 +90,20 @@ def run(overrides: list[str]) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM ends the run like Ctrl-C: the video written so far is finished, not lost.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except (ConfigError, StreamConnectionError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("\ninterrupted; the frames written so far are kept", file=sys.stderr)
         return 130
 
 

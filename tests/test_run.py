@@ -77,3 +77,28 @@ def test_run_bad_override_fails_clearly(tmp_path, override, named):
     assert "error:" in result.stderr and named in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_run_stopped_with_sigterm_keeps_the_video(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "stopped.mp4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dwm.run", "frames=100000", f"out={out}",
+         "pipeline.steps=6", "pipeline.window=3"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stderr:  # progress lines; the first "frame" line means frames are out
+            if line.startswith("frame "):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted" in rest
+    images, _ = decode(out)
+    assert len(images) >= 1 and images[0].shape == (172, 912, 3)
