@@ -1,0 +1,441 @@
+"""Traffic of the embedded world: highway-env's IDM/MOBIL drivers, made to run for hours.
+
+highway-env's traffic model is tuned for episodes of a few seconds. Over minutes on its merge,
+roundabout and intersection it piles up: stopped cars drive backwards into the car behind,
+cars merge blindly at the end of the on-ramp, and at junctions a lower-priority car that
+already stands in the junction is run into. `TrafficCar` and `TrafficRoad` keep highway-env's
+models and add what a long-running scene needs:
+
+- no reversing: a car that IDM wants slower than standing still stands still;
+- besides IDM's leader on its own lane, a car also follows whatever is in the corridor straight
+  ahead of it (a car merging in, one stopped in the junction, an ego driven across the lanes);
+- a lane that ends (the on-ramp) is left as soon as the gap on the next lane is safe, and its
+  end is a stop line until then;
+- a junction controller (`TrafficRoad`): stop lines, first come first served.
+
+Everything here is in highway-env's screen frame (y down).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+from highway_env import utils
+from highway_env.road.road import LaneIndex, Road, RoadNetwork
+from highway_env.vehicle.behavior import IDMVehicle
+from highway_env.vehicle.controller import ControlledVehicle
+from highway_env.vehicle.kinematics import Vehicle
+
+# Footprint and height per box category: length, width, height (m). The car is highway-env's
+# own vehicle (5 x 2 m), so its traffic model keeps its tuned gaps; the truck is about the
+# nuScenes mean truck, short enough to turn at highway-env's junctions.
+CATEGORY_SIZES: dict[str, tuple[float, float, float]] = {
+    "car": (5.0, 2.0, 1.7),
+    "truck": (7.0, 2.5, 2.9),
+}
+_CAR_LENGTH = CATEGORY_SIZES["car"][0]
+
+
+class TrafficCar(IDMVehicle):
+    """highway-env's IDM/MOBIL driver with a box category, that category's footprint and a
+    cruise speed.
+
+    keep_lane: no MOBIL lane changes (an ego on autopilot keeps its lane), except to leave a
+    lane that ends.
+    """
+
+    CORRIDOR_TIME_S = 2.5  # look this far ahead (at the current speed) for anything in the way
+    CORRIDOR_MIN_M = 12.0
+    CORRIDOR_MARGIN_M = 0.3  # lateral clearance beyond the half widths
+    LANE_END_GAP_M = 3.0  # a car waiting to leave a lane that ends stops this far before its end
+    MERGE_TIME_GAP_S = 2.5  # time gap it needs behind it on the lane it merges into
+
+    def __init__(
+        self,
+        road: Road,
+        position: np.ndarray,
+        heading: float = 0.0,
+        speed: float = 0.0,
+        category: str = "car",
+        cruise_speed: float = 20.0,
+        keep_lane: bool = False,
+    ):
+        length, width, _ = CATEGORY_SIZES[category]
+        # Instance attributes shadow the class constants that highway-env reads through self;
+        # set before the base constructor, which derives the collision diagonal from them.
+        self.LENGTH, self.WIDTH = length, width
+        if category == "truck":
+            # IDM gaps are centre to centre: keep the car's bumper gap, accelerate like a truck.
+            self.DISTANCE_WANTED = self.DISTANCE_WANTED + length - _CAR_LENGTH
+            self.COMFORT_ACC_MAX = 1.5
+        super().__init__(road, position, heading, speed, target_speed=cruise_speed)
+        self.category = category
+        self.cruise_speed = cruise_speed
+        self.keep_lane = keep_lane
+
+    def on_state_update(self) -> None:
+        if isinstance(self.road, TrafficRoad):
+            self.lane_index = self.road.closest_lane_index(self.position, self.heading, self.lane_index)
+            self.lane = self.road.network.get_lane(self.lane_index)
+        else:
+            super().on_state_update()
+
+    # -------------------------------------------------------------- longitudinal
+
+    def act(self, action: dict | str | None = None) -> None:
+        super().act(action)  # IDM and MOBIL
+        road = self.road
+        if self.crashed or not isinstance(road, TrafficRoad):
+            return
+        acceleration = float(self.action["acceleration"])
+        blocker = self._nearest_in_corridor(road)
+        if blocker is not None:
+            distance, leader = blocker
+            along = float(np.dot(leader.velocity, self.direction))
+            acceleration = min(acceleration, self._follow(distance, along, leader.LENGTH))
+        if self.lane_index in road.ending_lanes and self.lane_index == self.target_lane_index:
+            to_end = self.lane.length - self.lane.local_coordinates(self.position)[0]
+            acceleration = min(acceleration, self._stop_at(to_end - self.LANE_END_GAP_M))
+        to_line = road.stop_line_distance(self)
+        if to_line is not None:
+            acceleration = min(acceleration, self._stop_at(to_line))
+        acceleration = max(acceleration, -self.ACC_MAX)
+        # Stop at zero rather than let highway-env drive a stopped car backwards.
+        acceleration = max(acceleration, min(-self.speed / road.dt, 0.0))
+        self.action["acceleration"] = min(acceleration, self.ACC_MAX)
+
+    def _follow(self, distance: float, leader_speed: float, leader_length: float) -> float:
+        """IDM acceleration (m/s^2) behind a leader `distance` m ahead, centre to centre (as
+        highway-env measures), moving at `leader_speed` m/s along our heading."""
+        v = max(self.speed, 0.0)
+        free = 1.0 - (v / utils.not_zero(max(self.target_speed, 0.0))) ** self.DELTA
+        ab = -self.COMFORT_ACC_MAX * self.COMFORT_ACC_MIN
+        gap = (
+            self.DISTANCE_WANTED
+            + (leader_length - _CAR_LENGTH) / 2
+            + v * self.TIME_WANTED
+            + v * (v - leader_speed) / (2.0 * math.sqrt(ab))
+        )
+        return self.COMFORT_ACC_MAX * (free - (gap / utils.not_zero(distance)) ** 2)
+
+    def _stop_at(self, distance: float) -> float:
+        """IDM acceleration to stop with the front bumper about at `distance` m ahead."""
+        return self._follow(distance + self.DISTANCE_WANTED - self.LENGTH / 2, 0.0, _CAR_LENGTH)
+
+    def _nearest_in_corridor(self, road: TrafficRoad) -> tuple[float, Vehicle] | None:
+        """(distance ahead in m, vehicle) of the nearest vehicle in the lane-wide corridor
+        straight ahead, or None."""
+        st = road.state
+        rel = st.positions - self.position  # (N, 2)
+        lon = rel @ self.direction
+        lat = rel @ np.array([-self.direction[1], self.direction[0]])
+        reach = max(self.CORRIDOR_MIN_M, self.speed * self.CORRIDOR_TIME_S) + self.LENGTH
+        beside = np.abs(lat) < (self.WIDTH + st.widths) / 2 + self.CORRIDOR_MARGIN_M
+        in_way = (lon > 0.0) & (lon < reach) & beside
+        # Oncoming traffic keeps to its own lane; a car still turning out of a junction would
+        # otherwise wait for the cars on the opposite lane.
+        in_way &= (st.directions @ self.direction > -0.5) & (st.ids != id(self))
+        # A car changing into this lane ahead is in the way before it is across.
+        merging = st.merging_into.get(self.lane_index, [])
+        if merging:
+            two_lanes = 2.0 * self.lane.width_at(0.0)
+            near = (lon[merging] > 0.0) & (lon[merging] < reach) & (np.abs(lat[merging]) < two_lanes)
+            in_way[np.asarray(merging)[near]] = True
+        if not in_way.any():
+            return None
+        k = np.flatnonzero(in_way)[np.argmin(lon[in_way])]
+        return float(lon[k]), road.vehicles[k]
+
+    # -------------------------------------------------------------- lateral
+
+    def follow_road(self) -> None:
+        # highway-env moves a car at the end of its lane on to the closest lane of the next
+        # road; for a lane that ends that is a blind merge. It waits for MOBIL's gap instead.
+        if self.lane_index in self.road.ending_lanes and self.target_lane_index == self.lane_index:
+            return
+        super().follow_road()
+
+    def change_lane_policy(self) -> None:
+        ending = self.lane_index in self.road.ending_lanes
+        if self.keep_lane and not ending:
+            return
+        if ending and self.target_lane_index != self.lane_index:
+            # Still on the lane that ends: give the merge up while the gap closes.
+            if not self.mobil(self.target_lane_index):
+                self.target_lane_index = self.lane_index
+            return
+        super().change_lane_policy()
+        # MOBIL never changes lanes below 1 m/s: a car stopped at the end of its lane would
+        # wait there for ever.
+        if ending and abs(self.speed) < 1.0 and self.lane_index == self.target_lane_index:
+            for side in self.road.network.side_lanes(self.lane_index):
+                if self.road.network.get_lane(side).is_reachable_from(self.position) and self.mobil(side):
+                    self.target_lane_index = side
+                    break
+
+    def mobil(self, lane_index: LaneIndex) -> bool:
+        if self.lane_index not in self.road.ending_lanes:
+            return super().mobil(lane_index)
+        # Leaving a lane that ends: any gap will do that is safe for both, with room for a slow
+        # car to get across before the car behind arrives.
+        preceding, following = self.road.neighbour_vehicles(self, lane_index)
+        limit = -self.LANE_CHANGE_MAX_BRAKING_IMPOSED
+        if following is not None:
+            room = self.lane_distance_to(following) * -1 - (self.LENGTH + following.LENGTH) / 2
+            if room < max(1.0, self.MERGE_TIME_GAP_S * following.speed):
+                return False
+        return self.acceleration(following, self) >= limit and self.acceleration(self, preceding) >= limit
+
+
+@dataclass(frozen=True)
+class Junction:
+    """A junction of the network: the roads inside it and how vehicles are let in.
+
+    kind "box" (a crossroads): a vehicle waiting at its stop line goes when no vehicle inside,
+    or already let in, takes a path that crosses its own. kind "ring" (a roundabout): a vehicle
+    at the yield line goes when the ring is clear around the point where it joins.
+    """
+
+    inside: frozenset[tuple[str, str]]
+    kind: str  # "box" | "ring"
+    setback_m: float = 0.0  # the stop line lies this far before the end of the road in
+
+
+class TrafficRoad(Road):
+    """highway-env's road with a junction controller.
+
+    Vehicles on a road into the junction stop at its end (the stop or yield line) until the
+    controller lets them in, first come first served among the waiting ones; inside, they
+    never wait for the controller. highway-env's own `RegulatedRoad` re-decides who yields
+    every half second from short predictions; over minutes it clogs its junction with
+    vehicles that stopped inside it.
+    """
+
+    CROSSING_M = 4.5  # paths whose centre lines come closer cross (turning trucks sweep wide)
+    RING_GAP_S = 2.5  # time gap a vehicle on the ring must be away from the joining point
+    RING_CLEAR_M = 9.0  # and distance around it
+
+    def __init__(
+        self,
+        network: RoadNetwork,
+        np_random: np.random.Generator,
+        dt: float,
+        junction: Junction | None = None,
+        connected_lanes: bool = True,
+    ):
+        # connected_lanes: look for leaders and followers on the next and previous road too
+        # (highway-env >= 1.12), so that a lane change near a road's end sees the car behind.
+        super().__init__(
+            network=network, np_random=np_random, neighbour_vehicles_connected_lanes=connected_lanes
+        )
+        self.dt = dt
+        self.junction = junction
+        inside = junction.inside if junction else frozenset()
+        starts = {a for a, _ in inside}
+        # Roads into the junction; their end is the stop (or yield) line.
+        self.approach_roads = {
+            (a, b) for a, tos in network.graph.items() for b in tos if b in starts and (a, b) not in inside
+        }
+        self._crossing = self._crossing_paths(network, inside) if junction and junction.kind == "box" else {}
+        # Lanes that end in a merge: their road goes on with fewer lanes (the on-ramp).
+        self.ending_lanes = {
+            (a, b, i)
+            for a, tos in network.graph.items()
+            for b, lanes in tos.items()
+            for i in range(len(lanes))
+            if b in network.graph and all(len(nxt) <= i for nxt in network.graph[b].values())
+        }
+        # Keyed by the vehicles themselves (identity): an id() may be reused by a new vehicle.
+        self._arrival: dict[Vehicle, float] = {}  # when each waiting vehicle reached its line
+        self._let_in: set[Vehicle] = set()  # waiting vehicles let into the junction
+        self._time = 0.0
+        self._index_lanes(network)
+        self.state = SimpleNamespace(
+            vehicles=None,
+            positions=np.zeros((0, 2)),
+            widths=np.zeros(0),
+            directions=np.zeros((0, 2)),
+            ids=np.zeros(0, dtype=np.int64),
+            merging_into={},
+        )
+
+    # -------------------------------------------------------------- lane lookups
+    # highway-env searches every lane of the map for a vehicle's lane, and projects every vehicle
+    # on the candidate lanes to find its leader: most of a tick's cost. Both searches are
+    # narrowed here to the lanes around the vehicle's road.
+
+    LANE_SLACK_M = 8.0  # highway-env's on-lane test: half a width + 1 m across, 5 m past the ends
+
+    def _index_lanes(self, network: RoadNetwork) -> None:
+        roads = [(a, b) for a, tos in network.graph.items() for b in tos]
+        boxes = {}
+        for a, b in roads:
+            for i, lane in enumerate(network.graph[a][b]):
+                pts = np.array([lane.position(s, 0.0) for s in np.linspace(0.0, lane.length, 17)])
+                slack = self.LANE_SLACK_M
+                boxes[(a, b, i)] = np.concatenate([pts.min(axis=0) - slack, pts.max(axis=0) + slack])
+        self._around: dict[tuple[str, str], list[LaneIndex]] = {}
+        for a, b in roads:
+            after = [(b, c) for c in network.graph.get(b, {})]
+            before = [(z, a) for z, tos in network.graph.items() if a in tos]
+            near_roads = [(a, b), *after, *before]
+            self._around[(a, b)] = [(x, y, i) for x, y in near_roads for i in range(len(network.graph[x][y]))]
+        self._search_boxes = {road: np.array([boxes[k] for k in ks]) for road, ks in self._around.items()}
+
+    def closest_lane_index(self, position: np.ndarray, heading: float, hint: LaneIndex | None) -> LaneIndex:
+        """highway-env's closest lane (distance plus heading difference), looked for around
+        `hint` first; the whole map only when nothing around fits."""
+        if hint is not None and hint[:2] in self._around:
+            candidates = self._around[hint[:2]]
+            lanes = [self.network.get_lane(k) for k in candidates]
+            distances = [lane.distance_with_heading(position, heading) for lane in lanes]
+            best = int(np.argmin(distances))
+            if distances[best] < 1.0:  # on that lane and roughly along it: no other lane is closer
+                return candidates[best]
+        return self.network.get_closest_lane_index(position, heading)
+
+    def neighbour_vehicles(self, vehicle: Vehicle, lane_index: LaneIndex | None = None) -> tuple:
+        lane_index = lane_index or vehicle.lane_index
+        positions = self.state.positions
+        if not lane_index or self.state.vehicles is not self.vehicles or len(positions) != len(self.vehicles):
+            return super().neighbour_vehicles(vehicle, lane_index)
+        # Only vehicles inside the on-lane area of the lane, its road and the roads just before
+        # and after it can be found there.
+        boxes = self._search_boxes[lane_index[:2]]  # (K, 4): x0, y0, x1, y1
+        inside = (positions[:, None, 0] >= boxes[None, :, 0]) & (positions[:, None, 0] <= boxes[None, :, 2])
+        inside &= (positions[:, None, 1] >= boxes[None, :, 1]) & (positions[:, None, 1] <= boxes[None, :, 3])
+        candidates = [self.vehicles[k] for k in np.flatnonzero(inside.any(axis=1))]
+        everyone, self.vehicles = self.vehicles, candidates
+        try:
+            return super().neighbour_vehicles(vehicle, lane_index)
+        finally:
+            self.vehicles = everyone
+
+    @classmethod
+    def _crossing_paths(cls, network: RoadNetwork, inside: frozenset) -> set[tuple]:
+        """Pairs of inside roads whose centre lines come closer than `CROSSING_M`, except those
+        from the same approach (they follow each other)."""
+        samples = {}
+        for a, b in inside:
+            lane = network.get_lane((a, b, 0))
+            samples[(a, b)] = np.array([lane.position(s, 0.0) for s in np.linspace(0, lane.length, 25)])
+        crossing = set()
+        for r1, p1 in samples.items():
+            for r2, p2 in samples.items():
+                closest = np.min(np.linalg.norm(p1[:, None] - p2[None], axis=-1))
+                if r1[0] != r2[0] and closest < cls.CROSSING_M:
+                    crossing.add((r1, r2))
+        return crossing
+
+    def act(self) -> None:
+        vehicles = self.vehicles
+        positions = np.array([v.position for v in vehicles]).reshape(-1, 2)
+        # Where everyone is before anyone acts, for the corridor checks of `TrafficCar`.
+        self.state = SimpleNamespace(
+            vehicles=vehicles,
+            positions=positions,
+            widths=np.array([v.WIDTH for v in vehicles], dtype=np.float64),
+            directions=np.array([v.direction for v in vehicles]).reshape(-1, 2),
+            ids=np.array([id(v) for v in vehicles], dtype=np.int64),
+            merging_into={},  # lane index -> rows of the cars changing into it
+        )
+        for row, v in enumerate(vehicles):
+            target = getattr(v, "target_lane_index", None)
+            if target is not None and target != v.lane_index:
+                self.state.merging_into.setdefault(target, []).append(row)
+        if self.junction is not None:
+            self._let_vehicles_in()
+        super().act()
+        self.state.vehicles = None  # positions change in `step`: no longer usable for lookups
+
+    def step(self, dt: float) -> None:
+        self._time += dt
+        super().step(dt)
+
+    # -------------------------------------------------------------- junction control
+
+    def stop_line_distance(self, v: Vehicle) -> float | None:
+        """Distance (m) from `v` to the stop line it must wait at, or None when it may go."""
+        if v in self._let_in or v.lane_index[:2] not in self.approach_roads:
+            return None
+        return self.stop_line_distance_any(v)
+
+    def stop_line_distance_any(self, v: Vehicle) -> float:
+        """Distance (m) from `v`, on a road into the junction, to its stop line."""
+        return v.lane.length - self.junction.setback_m - v.lane.local_coordinates(v.position)[0]
+
+    def _let_vehicles_in(self) -> None:
+        approaching = [v for v in self.vehicles if v.lane_index[:2] in self.approach_roads]
+        self._let_in = {v for v in approaching if v in self._let_in}
+        self._arrival = {v: self._arrival[v] for v in approaching if v in self._arrival}
+        # Per lane, only the first car not yet let in waits at the line; the ones behind it
+        # queue (letting one in behind a waiting car would hold the junction for nothing).
+        first: dict[LaneIndex, Vehicle] = {}
+        for v in sorted(approaching, key=self.stop_line_distance_any):
+            if v not in self._let_in:
+                first.setdefault(v.lane_index, v)
+        waiting = []
+        for v in first.values():
+            if not isinstance(v, ControlledVehicle):
+                continue  # manual egos are never held: the controller works around them
+            if self.stop_line_distance(v) <= v.speed * v.speed / 4.0 + 15.0:  # comfortable braking
+                self._arrival.setdefault(v, self._time)
+                waiting.append(v)
+        waiting.sort(key=lambda v: self._arrival[v])  # stable: ties keep the road's order
+        for v in waiting:
+            if self._may_enter(v):
+                self._let_in.add(v)
+
+    def _next_inside_road(self, v: Vehicle) -> tuple[str, str] | None:
+        _, to = v.lane_index[:2]
+        for a, b, _ in getattr(v, "route", None) or []:
+            if a == to and (a, b) in self.junction.inside:
+                return a, b
+        options = [(to, b) for b in self.network.graph.get(to, {}) if (to, b) in self.junction.inside]
+        return options[0] if len(options) == 1 else None
+
+    def _may_enter(self, v: Vehicle) -> bool:
+        if self.junction.kind == "ring":
+            return self._ring_clear(v.lane_index[1], v)
+        path = self._next_inside_road(v)
+        for other in self.vehicles:
+            if other is v:
+                continue
+            if other.lane_index[:2] in self.junction.inside:
+                # Where it drives, not the closest lane: at the junction's edge every path
+                # from an approach starts at the same point. A manual ego could go anywhere.
+                target = getattr(other, "target_lane_index", None)
+                other_path = target[:2] if target is not None and target[:2] in self.junction.inside else None
+            elif other in self._let_in:
+                other_path = self._next_inside_road(other)
+            else:
+                continue
+            if path is None or other_path is None or (path, other_path) in self._crossing:
+                return False
+        return True
+
+    def _ring_clear(self, node: str, v: Vehicle) -> bool:
+        """No vehicle on the ring is about to pass `node`, or just passed it."""
+        for other in self.vehicles:
+            if other is v:
+                continue
+            a, b = other.lane_index[:2]
+            if (a, b) not in self.junction.inside and not (other in self._let_in and b == node):
+                continue
+            s = other.lane.local_coordinates(other.position)[0]
+            if a == node:  # just past the joining point
+                if s < self.RING_CLEAR_M + other.LENGTH:
+                    return False
+                continue
+            to_node = other.lane.length - s
+            if b != node:  # one ring segment further back
+                nxt = self.network.graph[b].get(node)
+                if not nxt or (b, node) not in self.junction.inside:
+                    continue
+                to_node += nxt[0].length
+            if to_node < self.RING_CLEAR_M + max(other.speed, 0.0) * self.RING_GAP_S:
+                return False
+        return True
