@@ -83,6 +83,16 @@ class TrafficCar(IDMVehicle):
         else:
             super().on_state_update()
 
+    def lane_distance_to(self, other, lane=None) -> float:
+        """Signed distance (m) to `other` along our lane, as highway-env's IDM and MOBIL use it.
+
+        For a vehicle on another road (found across a road's end) highway-env projects it on
+        our lane, which on a curve (the ring) lands far too close; the straight-line distance
+        is used then."""
+        if other is not None and lane is None and other.lane_index[:2] != self.lane_index[:2]:
+            return math.copysign(float(np.linalg.norm(other.position - self.position)), self.front_distance_to(other))
+        return super().lane_distance_to(other, lane)
+
     # -------------------------------------------------------------- longitudinal
 
     def act(self, action: dict | str | None = None) -> None:
@@ -136,8 +146,9 @@ class TrafficCar(IDMVehicle):
         beside = np.abs(lat) < (self.WIDTH + st.widths) / 2 + self.CORRIDOR_MARGIN_M
         in_way = (lon > 0.0) & (lon < reach) & beside
         # Oncoming traffic keeps to its own lane; a car still turning out of a junction would
-        # otherwise wait for the cars on the opposite lane.
-        in_way &= (st.directions @ self.direction > -0.5) & (st.ids != id(self))
+        # otherwise wait for the cars on the opposite lane. A car held at its stop line is not
+        # in the way of the junction's traffic, whatever a straight corridor along a curve says.
+        in_way &= (st.directions @ self.direction > -0.5) & (st.ids != id(self)) & ~st.held
         # A car changing into this lane ahead is in the way before it is across.
         merging = st.merging_into.get(self.lane_index, [])
         if merging:
@@ -215,8 +226,9 @@ class TrafficRoad(Road):
     """
 
     CROSSING_M = 4.5  # paths whose centre lines come closer cross (turning trucks sweep wide)
-    RING_GAP_S = 2.5  # time gap a vehicle on the ring must be away from the joining point
-    RING_CLEAR_M = 9.0  # and distance around it
+    STOP_DEC = 3.0  # m/s^2: a vehicle let in that could stop this gently still may be held
+    RING_MARGIN_S = 1.0  # a vehicle on the ring passes this long after one joining has cleared
+    RING_CLEAR_M = 9.0  # and this far from the joining point at least
 
     def __init__(
         self,
@@ -260,6 +272,7 @@ class TrafficRoad(Road):
             directions=np.zeros((0, 2)),
             ids=np.zeros(0, dtype=np.int64),
             merging_into={},
+            held=np.zeros(0, dtype=bool),
         )
 
     # -------------------------------------------------------------- lane lookups
@@ -346,8 +359,10 @@ class TrafficRoad(Road):
             target = getattr(v, "target_lane_index", None)
             if target is not None and target != v.lane_index:
                 self.state.merging_into.setdefault(target, []).append(row)
+        self.state.held = np.zeros(len(vehicles), dtype=bool)
         if self.junction is not None:
             self._let_vehicles_in()
+            self.state.held = np.array([self._held(v) for v in vehicles], dtype=bool)
         super().act()
         self.state.vehicles = None  # positions change in `step`: no longer usable for lookups
 
@@ -363,14 +378,26 @@ class TrafficRoad(Road):
             return None
         return self.stop_line_distance_any(v)
 
+    def _held(self, v: Vehicle) -> bool:
+        """`v` waits at (or queues behind) its stop line."""
+        to_line = self.stop_line_distance(v)
+        return to_line is not None and to_line > -1.0 and isinstance(v, ControlledVehicle)
+
     def stop_line_distance_any(self, v: Vehicle) -> float:
         """Distance (m) from `v`, on a road into the junction, to its stop line."""
         return v.lane.length - self.junction.setback_m - v.lane.local_coordinates(v.position)[0]
 
     def _let_vehicles_in(self) -> None:
         approaching = [v for v in self.vehicles if v.lane_index[:2] in self.approach_roads]
-        self._let_in = {v for v in approaching if v in self._let_in}
         self._arrival = {v: self._arrival[v] for v in approaching if v in self._arrival}
+        # A vehicle let in that can still stop at its line waits again when the way is no longer
+        # clear (the ring traffic sped up, an ego drove into the junction).
+        self._let_in = {
+            v
+            for v in approaching
+            if v in self._let_in
+            and (self.stop_line_distance_any(v) < v.speed**2 / (2.0 * self.STOP_DEC) or self._may_enter(v))
+        }
         # Per lane, only the first car not yet let in waits at the line; the ones behind it
         # queue (letting one in behind a waiting car would hold the junction for nothing).
         first: dict[LaneIndex, Vehicle] = {}
@@ -418,7 +445,12 @@ class TrafficRoad(Road):
         return True
 
     def _ring_clear(self, node: str, v: Vehicle) -> bool:
-        """No vehicle on the ring is about to pass `node`, or just passed it."""
+        """No vehicle on the ring reaches `node` before `v` has joined and cleared it, and none
+        has just passed it."""
+        # Time (s) for `v` to cross from where it is until its rear is past the ring's lane.
+        across = self.stop_line_distance_any(v) + self.junction.setback_m + v.LENGTH + v.lane.width_at(0.0)
+        v0, acc = max(v.speed, 0.0), v.COMFORT_ACC_MAX
+        join_s = (math.sqrt(v0 * v0 + 2.0 * acc * across) - v0) / acc + self.RING_MARGIN_S
         for other in self.vehicles:
             if other is v:
                 continue
@@ -430,12 +462,20 @@ class TrafficRoad(Road):
                 if s < self.RING_CLEAR_M + other.LENGTH:
                     return False
                 continue
-            to_node = other.lane.length - s
-            if b != node:  # one ring segment further back
-                nxt = self.network.graph[b].get(node)
-                if not nxt or (b, node) not in self.junction.inside:
-                    continue
-                to_node += nxt[0].length
-            if to_node < self.RING_CLEAR_M + max(other.speed, 0.0) * self.RING_GAP_S:
+            to_node = self._along_ring(other.lane.length - s, b, node)
+            if to_node is not None and to_node < self.RING_CLEAR_M + max(other.speed, 0.0) * join_s:
                 return False
         return True
+
+    def _along_ring(self, distance: float, at: str, node: str, segments: int = 4) -> float | None:
+        """Distance (m) along the ring from a point `distance` before node `at` to `node`, or
+        None when `node` is more than `segments` ring roads ahead."""
+        for _ in range(segments):
+            if at == node:
+                return distance
+            following = [b for b in self.network.graph.get(at, {}) if (at, b) in self.junction.inside]
+            if not following:
+                return None
+            distance += self.network.graph[at][following[0]][0].length
+            at = following[0]
+        return distance if at == node else None
