@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -85,6 +86,7 @@ def main() -> None:
             model_times.append(denoise.seconds + decode.seconds)
             if n in (1, 100, 250, 500, 1000) or n == args.frames:
                 memory[n] = rss_mb()
+                print(f"frame {n}: RSS {memory[n]:.1f} MB", file=sys.stderr, flush=True)
 
     # The bare baseline: the same model calls of one frame, back to back, on the last inputs.
     (d_args, d_kwargs), (v_args, v_kwargs) = denoise.last_args, decode.last_args
