@@ -200,6 +200,10 @@ class EmbeddedWorld(World):
     # ------------------------------------------------------------------ egos
 
     def add_ego(self, ego_id: str | None = None) -> str:
+        """Spawn an ego at a free place of the map's ego areas (traffic in the way makes room),
+        rolling at the traffic's lower cruise speed with a neutral control; ids default to
+        "ego-1", "ego-2", ... ValueError for an id in use; RuntimeError when egos fill every
+        spawn place."""
         if ego_id is None:
             while f"ego-{self._next_ego}" in self._egos:
                 self._next_ego += 1

@@ -270,10 +270,13 @@ def map_geometry(name: str) -> MapGeometry:
         keep = _new_segments(points, kept_a, kept_b)
         a, b = points[:-1][keep], points[1:][keep]
         kept_a, kept_b = np.concatenate([kept_a, a]), np.concatenate([kept_b, b])
-        starts.append(a), ends.append(b), kinds.append(np.full(len(a), kind, dtype=np.int8))
+        starts.append(a)
+        ends.append(b)
+        kinds.append(np.full(len(a), kind, dtype=np.int8))
     for road in spec.crosswalk_roads:
         outline = _crosswalk_outline(network.get_lane((*road, 0)))
-        starts.append(outline[:-1]), ends.append(outline[1:])
+        starts.append(outline[:-1])
+        ends.append(outline[1:])
         kinds.append(np.full(len(outline) - 1, MapKind.CROSSWALK, dtype=np.int8))
 
     def lift(parts: list[np.ndarray]) -> np.ndarray:

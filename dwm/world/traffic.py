@@ -11,6 +11,8 @@ models and add what a long-running scene needs:
   ahead of it (a car merging in, one stopped in the junction, an ego driven across the lanes);
 - a lane that ends (the on-ramp) is left as soon as the gap on the next lane is safe, and its
   end is a stop line until then;
+- a leader found on the next road is as far as it really is (highway-env projects it on the
+  current lane, which on the ring puts a car leaving by the exit a few metres ahead);
 - a junction controller (`TrafficRoad`): stop lines, first come first served.
 
 Everything here is in highway-env's screen frame (y down).
@@ -90,7 +92,8 @@ class TrafficCar(IDMVehicle):
         our lane, which on a curve (the ring) lands far too close; the straight-line distance
         is used then."""
         if other is not None and lane is None and other.lane_index[:2] != self.lane_index[:2]:
-            return math.copysign(float(np.linalg.norm(other.position - self.position)), self.front_distance_to(other))
+            straight = float(np.linalg.norm(other.position - self.position))
+            return math.copysign(straight, self.front_distance_to(other))
         return super().lane_distance_to(other, lane)
 
     # -------------------------------------------------------------- longitudinal
