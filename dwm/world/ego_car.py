@@ -18,7 +18,7 @@ from highway_env.road.road import Road
 from highway_env.vehicle.kinematics import Vehicle
 
 from dwm.world.base import VehicleControl
-from dwm.world.traffic import CATEGORY_SIZES, TrafficRoad
+from dwm.world.traffic import CATEGORY_SIZES, TracksLanes, TrafficRoad
 
 # Longitudinal model of the ego (m/s^2 unless noted).
 THROTTLE_ACC = 3.5  # full throttle
@@ -75,7 +75,7 @@ def _grip_limited_wheel_angle(length: float, speed: float) -> float:
     return min(MAX_WHEEL_ANGLE, math.atan(2.0 * math.tan(math.asin(sin_beta))))
 
 
-class EgoCar(Vehicle):
+class EgoCar(TracksLanes, Vehicle):
     """A car driven by a sticky `VehicleControl`.
 
     A crashed car is brought to a stop by highway-env and ignores its controls until the world
@@ -115,10 +115,3 @@ class EgoCar(Vehicle):
         step = WHEEL_RATE * self.dt
         wheel = current + min(max(target - current, -step), step)
         self.action = {"steering": wheel, "acceleration": acceleration}
-
-    def on_state_update(self) -> None:
-        if isinstance(self.road, TrafficRoad):
-            self.lane_index = self.road.closest_lane_index(self.position, self.heading, self.lane_index)
-            self.lane = self.road.network.get_lane(self.lane_index)
-        else:
-            super().on_state_update()

@@ -41,7 +41,19 @@ CATEGORY_SIZES: dict[str, tuple[float, float, float]] = {
 _CAR_LENGTH = CATEGORY_SIZES["car"][0]
 
 
-class TrafficCar(IDMVehicle):
+class TracksLanes:
+    """Lane tracking for vehicles on a `TrafficRoad`: its own closest-lane rule, which keeps
+    the current lane while the vehicle is still on it."""
+
+    def on_state_update(self) -> None:
+        if isinstance(self.road, TrafficRoad):
+            self.lane_index = self.road.closest_lane_index(self.position, self.heading, self.lane_index)
+            self.lane = self.road.network.get_lane(self.lane_index)
+        else:
+            super().on_state_update()
+
+
+class TrafficCar(TracksLanes, IDMVehicle):
     """highway-env's IDM/MOBIL driver with a box category, that category's footprint and a
     cruise speed.
 
@@ -77,13 +89,6 @@ class TrafficCar(IDMVehicle):
         self.category = category
         self.cruise_speed = cruise_speed
         self.keep_lane = keep_lane
-
-    def on_state_update(self) -> None:
-        if isinstance(self.road, TrafficRoad):
-            self.lane_index = self.road.closest_lane_index(self.position, self.heading, self.lane_index)
-            self.lane = self.road.network.get_lane(self.lane_index)
-        else:
-            super().on_state_update()
 
     def lane_distance_to(self, other, lane=None) -> float:
         """Signed distance (m) to `other` along our lane, as highway-env's IDM and MOBIL use it.
