@@ -18,7 +18,7 @@ from highway_env.road.road import Road
 from highway_env.vehicle.kinematics import Vehicle
 
 from dwm.world.base import VehicleControl
-from dwm.world.traffic import CATEGORY_SIZES, TracksLanes, TrafficRoad
+from dwm.world.traffic import CATEGORY_SIZES, TracksLanes
 
 # Longitudinal model of the ego (m/s^2 unless noted).
 THROTTLE_ACC = 3.5  # full throttle
