@@ -49,6 +49,14 @@ class QueuedFrame(NamedTuple):
     frame: ConditionFrame
 
 
+class ModelParts(NamedTuple):
+    """The model components a pipeline runs; built once and shared by driving sessions."""
+
+    denoiser: Denoiser
+    text_encoder: TextEncoder
+    decoder: LatentDecoder
+
+
 def _dtype(name: str) -> torch.dtype:
     allowed = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in allowed:
@@ -103,21 +111,32 @@ class StreamingPipeline:
         self.frames_in = 0
         self.frames_out = 0
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, views: int) -> "StreamingPipeline":
-        """Build the model components of `cfg.model` and the queue of `cfg.pipeline`."""
-        p = cfg.pipeline
+    @staticmethod
+    def build_model(cfg: DictConfig) -> ModelParts:
+        """The model components of `cfg.model` on `cfg.device`; several pipelines (driving
+        sessions) can share them, each keeping its own queue."""
         device, dtype = torch.device(cfg.device), _dtype(cfg.model.dtype)
         denoiser = instantiate(cfg, "model.denoiser").to(device=device, dtype=dtype).eval()
+        return ModelParts(denoiser, instantiate(cfg, "model.text_encoder"), instantiate(cfg, "model.vae").to(device))
+
+    @classmethod
+    def from_config(
+        cls, cfg: DictConfig, views: int, model: ModelParts | None = None, seed: int | None = None
+    ) -> "StreamingPipeline":
+        """The queue of `cfg.pipeline` around the model of `cfg.model` (built here unless
+        `model` gives shared components). seed: the queue's noise; default `cfg.seed`."""
+        p = cfg.pipeline
+        device, dtype = torch.device(cfg.device), _dtype(cfg.model.dtype)
+        model = model or cls.build_model(cfg)
         try:
             return cls(
-                denoiser,
-                instantiate(cfg, "model.text_encoder"),
-                instantiate(cfg, "model.vae").to(device),
+                model.denoiser,
+                model.text_encoder,
+                model.decoder,
                 views=views, steps=p.steps, window=p.window, bands=p.bands,
                 guidance=p.guidance, shift=p.shift, train_steps=p.train_steps,
                 resolution=tuple(p.resolution), text_interval=p.text_interval,
-                seed=cfg.seed, device=device, dtype=dtype,
+                seed=cfg.seed if seed is None else seed, device=device, dtype=dtype,
             )
         except ValueError as err:
             raise ConfigError(f"pipeline: {err}") from None
