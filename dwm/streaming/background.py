@@ -1,0 +1,101 @@
+"""A `VideoPublisher` on its own thread, so that a slow or unreachable RTSP server (or disk)
+never holds up the frame loop: frames wait in a short queue, and when it is full the oldest
+waiting frame is dropped (a live stream would rather skip than fall behind).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from dwm.streaming.encoder import VideoPublisher
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()  # queue sentinel: flush, finish and stop
+
+
+class BackgroundPublisher:
+    """Publishes (strip, sim_time) pairs through a `VideoPublisher` built on the worker thread.
+
+    open_publisher: builds the publisher (called once, on the thread: opening an RTSP output
+        may wait for the server). max_pending: frames that may wait; beyond, the oldest goes.
+    """
+
+    def __init__(self, open_publisher: Callable[[], VideoPublisher], max_pending: int = 30, name: str = "video"):
+        if not (isinstance(max_pending, int) and max_pending >= 1):
+            raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
+        self._open = open_publisher
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()  # makes drop-oldest-then-put atomic against other submitters
+        self.published = 0
+        self.dropped = 0
+        self.error: str | None = None  # why the video stopped, once it has
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"publisher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, image: np.ndarray, sim_time: float) -> bool:
+        """Queue a frame; never blocks. False when the video has stopped (see `error`) or is closed."""
+        if self._closed or self.error is not None:
+            return False
+        with self._lock:
+            while True:
+                try:
+                    self._queue.put_nowait((image, sim_time))
+                    return True
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                        self.dropped += 1
+                    except queue.Empty:
+                        pass
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Publish what waits, finish the file / end the RTSP session, stop the thread (waits
+        up to `timeout` s for room in the queue, then up to `timeout` s for the thread)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._queue.put(_CLOSE, timeout=timeout)  # after the frames that wait
+        except queue.Full:  # the output is stuck: make room for the sentinel
+            with self._lock:
+                while True:
+                    try:
+                        self._queue.put_nowait(_CLOSE)
+                        break
+                    except queue.Full:
+                        self._queue.get_nowait()
+                        self.dropped += 1
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the video thread did not finish within %.1f s; left to end on its own", timeout)
+
+    def _run(self) -> None:
+        publisher: VideoPublisher | None = None
+        try:
+            publisher = self._open()
+            while True:
+                item = self._queue.get()
+                if item is _CLOSE:
+                    break
+                publisher.publish(*item)
+                self.published += 1
+        except Exception as e:  # recorded for the session's stats; the frame loop goes on
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("video out stopped: %s", self.error)
+        finally:
+            if publisher is not None:
+                try:
+                    publisher.close(raise_errors=False)
+                except Exception:
+                    log.exception("closing the video publisher failed")
