@@ -1,0 +1,75 @@
+"""The app builder: `serve run deployments:app key=value ...` composes `conf/` and binds the topology.
+
+    client --HTTP--> Ingress --> SessionManager --+--> World      (one world, all egos)
+                                 (runners,        +--> Denoiser   (the model, every queue)
+                                  publishers)
+
+`deployments.app({"world.map": "merge"})` is what `serve run deployments:app world.map=merge` does.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from ray.serve import Application
+
+from deployments.denoiser import Denoiser
+from deployments.ingress import Ingress
+from deployments.sessions import SessionManager
+from deployments.world import WorldActor
+from dwm.conditions.builder import ConditionBuilder
+from dwm.config import ConfigError, compose, instantiate
+from dwm.pipelines.fifo import BandedFifoQueue
+
+CLOCKS = ("lockstep", "realtime")
+
+
+def app(args: dict[str, str] | None = None) -> Application:
+    """Compose the config with `args` as Hydra overrides (values may be strings, as `serve run`
+    passes them) and bind the deployments. A bad override raises ConfigError naming the key."""
+    cfg = compose(args or {})
+    check(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)  # crosses to the replicas as plain data
+    s = cfg.serve
+    # Short graceful shutdowns: the actors close their streams in well under a second.
+    stop = {"graceful_shutdown_timeout_s": float(s.graceful_shutdown_s), "graceful_shutdown_wait_loop_s": 0.1}
+
+    world = WorldActor.options(ray_actor_options={"num_cpus": s.world.num_cpus}, **stop).bind(plain)
+    denoiser = Denoiser.options(
+        ray_actor_options={"num_cpus": s.denoiser.num_cpus, "num_gpus": s.denoiser.num_gpus}, **stop
+    ).bind(plain)
+    sessions = SessionManager.options(ray_actor_options={"num_cpus": s.sessions.num_cpus}, **stop).bind(
+        world, denoiser, plain
+    )
+    return Ingress.options(
+        num_replicas=int(s.ingress.replicas), ray_actor_options={"num_cpus": s.ingress.num_cpus}, **stop
+    ).bind(sessions)
+
+
+def check(cfg: DictConfig) -> None:
+    """Build the cheap parts once here, in the builder's process, so that a bad value stops the
+    start with one message naming its key (rather than replicas failing to start)."""
+    s = cfg.serve
+    if s.clock not in CLOCKS:
+        raise ConfigError(f"serve.clock={s.clock}: allowed {', '.join(CLOCKS)}")
+    if not (isinstance(s.max_sessions, int) and s.max_sessions >= 1):
+        raise ConfigError(f"serve.max_sessions={s.max_sessions}: must be a whole number >= 1")
+    if not (isinstance(s.jpeg_quality, int) and 1 <= s.jpeg_quality <= 100):
+        raise ConfigError(f"serve.jpeg_quality={s.jpeg_quality}: must be a whole number in [1, 100]")
+    for key in ("ingress.num_cpus", "sessions.num_cpus", "world.num_cpus", "denoiser.num_cpus", "denoiser.num_gpus"):
+        value = OmegaConf.select(s, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"serve.{key}={value}: must be a number >= 0")
+    if s.denoiser.num_gpus > 0 and str(cfg.device) == "cpu":
+        raise ConfigError(f"serve.denoiser.num_gpus={s.denoiser.num_gpus} needs a GPU device: set device=cuda")
+    if s.record_dir is not None and not isinstance(s.record_dir, str):
+        raise ConfigError(f"serve.record_dir={s.record_dir}: must be a folder path or null")
+    p = cfg.pipeline
+    try:
+        BandedFifoQueue(p.steps, p.window, p.bands, (1, 1, 1, 1))
+    except ValueError as err:
+        raise ConfigError(f"pipeline: {err}") from None
+    try:
+        ConditionBuilder.from_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"rig / pipeline.resolution / pipeline.fps: {err}") from None
+    instantiate(cfg, "world").close()  # ConfigError naming `world` and what it allows

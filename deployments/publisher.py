@@ -1,0 +1,138 @@
+"""The Publisher of one driving session: JPEG frames for HTTP viewers, H.264 to RTSP / MP4.
+
+Back-pressure: `offer` never blocks the frame loop. Viewers read the newest JPEG only (a slow
+viewer skips frames, it never holds one back); the H.264 output runs on its own thread with
+a short queue (see `BackgroundPublisher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from dwm.pipelines.streaming import GeneratedFrame
+from dwm.streaming.background import BackgroundPublisher
+from dwm.streaming.compose import compose_strip
+from dwm.streaming.encoder import VideoPublisher
+from dwm.streaming.stills import encode_jpeg
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    index: int  # the session's frame index (0 for the first frame out of its queue)
+    sim_time: float  # s, the moment the frame shows
+    jpeg: bytes
+
+
+class StreamClosed(Exception):
+    """The session's stream has ended (the session was deleted)."""
+
+
+class SessionPublisher:
+    """overlay: draw the layout over the views; rtsp_url / record_path: H.264 outputs (or None)."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        name: str,
+        overlay: bool,
+        rtsp_url: str | None = None,
+        record_path: Path | None = None,
+    ):
+        self.output_size = tuple(cfg.pipeline.output_size)
+        self.quality = int(cfg.serve.jpeg_quality)
+        self.overlay = overlay
+        # One encoder thread per output, so that an RTSP server going away never ends the
+        # recording (and a full disk never ends the stream).
+        stream, fps, pending = cfg.stream, float(cfg.pipeline.fps), int(cfg.serve.video_queue)
+        self.outputs: dict[str, BackgroundPublisher] = {}
+        if rtsp_url:
+            self.outputs["rtsp"] = BackgroundPublisher(
+                lambda: VideoPublisher.from_config(stream, rtsp_url=rtsp_url, fps=fps), pending, f"{name}-rtsp"
+            )
+        if record_path:
+            self.outputs["recording"] = BackgroundPublisher(
+                lambda: VideoPublisher.from_config(stream, record_path=record_path, fps=fps), pending, f"{name}-mp4"
+            )
+        self.latest: JpegFrame | None = None
+        self.viewers = 0
+        self.skipped = 0  # frames replaced by a newer one before they were encoded
+        self.closed = False
+        self._closing = False
+        self._changed = asyncio.Condition()
+        self._pending: GeneratedFrame | None = None
+        self._encoder: asyncio.Task | None = None
+
+    def offer(self, frame: GeneratedFrame) -> None:
+        """Hand over a generated frame (from the event loop; returns at once)."""
+        if self._closing:
+            return
+        if self._pending is not None:  # encoding has fallen behind: the newer frame wins
+            self.skipped += 1
+        self._pending = frame
+        if self._encoder is None or self._encoder.done():
+            self._encoder = asyncio.create_task(self._encode_pending())
+
+    async def _encode_pending(self) -> None:
+        while self._pending is not None:
+            frame, self._pending = self._pending, None
+            try:
+                strip, jpeg = await asyncio.to_thread(self._encode, frame)
+            except Exception:
+                log.exception("encoding frame %d failed; the stream goes on with the next", frame.index)
+                self.skipped += 1
+                continue
+            sim_time = float(frame.conditions.sim_time)
+            for output in self.outputs.values():
+                output.submit(strip, sim_time)
+            async with self._changed:
+                self.latest = JpegFrame(frame.index, sim_time, jpeg)
+                self._changed.notify_all()
+
+    def _encode(self, frame: GeneratedFrame) -> tuple[np.ndarray, bytes]:
+        layout = frame.conditions.layout if self.overlay else None
+        strip = compose_strip(frame.images, self.output_size, layout)  # (h, V*w, 3) uint8
+        return strip, encode_jpeg(strip, self.quality)
+
+    async def next_frame(self, after: int, timeout: float) -> JpegFrame | None:
+        """The newest frame once its index is above `after`; None if none came within `timeout` s."""
+
+        def ready() -> bool:
+            return self.closed or (self.latest is not None and self.latest.index > after)
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+            except asyncio.TimeoutError:
+                return None
+        if self.closed:
+            raise StreamClosed("the session's stream has ended")
+        return self.latest
+
+    async def close(self) -> None:
+        """End the viewers' streams, finish the MP4 and the RTSP session."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._encoder is not None:
+            await self._encoder  # the frames already handed over still go out
+        self.closed = True
+        async with self._changed:
+            self._changed.notify_all()
+        for output in self.outputs.values():
+            await asyncio.to_thread(output.close)
+
+    def output_stats(self, kind: str) -> dict | None:
+        """{published, dropped, error} of the "rtsp" or "recording" output; None without one.
+        Frames skipped before encoding (see `offer`) count as dropped."""
+        output = self.outputs.get(kind)
+        if output is None:
+            return None
+        return {"published": output.published, "dropped": output.dropped + self.skipped, "error": output.error}

@@ -1,0 +1,110 @@
+"""The HTTP API's bodies and answers (pydantic: only at the HTTP boundary)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dwm.world.base import VehicleControl
+
+
+def _range(name: str) -> tuple[float, float]:
+    return VehicleControl.RANGES[name]  # the contract's ranges, one source
+
+
+def _number_field(name: str, meaning: str):
+    lo, hi = _range(name)
+    return Field(None, ge=lo, le=hi, description=f"{meaning}; a number in [{lo:g}, {hi:g}]")
+
+
+class ControlRequest(BaseModel):
+    """Changes to a session's sticky control (Carla's semantics); fields left out keep their value."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    throttle: float | None = _number_field("throttle", "accelerator pedal")
+    steer: float | None = _number_field("steer", "steering wheel, negative is left")
+    brake: float | None = _number_field("brake", "brake pedal")
+    reverse: bool | None = Field(None, description="reverse gear; true or false")
+    hand_brake: bool | None = Field(None, description="hand brake; true or false")
+    autopilot: bool | None = Field(None, description="the traffic model drives the ego; true or false")
+
+
+class SessionOptions(BaseModel):
+    """Options of a new driving session (the POST /sessions body; all optional)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    autopilot: bool | None = Field(None, description="start on autopilot; true or false (default: config serve.autopilot)")
+    overlay: bool | None = Field(
+        None, description="draw the layout over the generated views; true or false (default: config stream.overlay)"
+    )
+    record: bool = Field(False, description="record the session to an MP4 file in serve.record_dir; true or false")
+    seed: int | None = Field(None, ge=0, description="seed of the session's denoising noise; a whole number >= 0 (default: config seed)")
+
+
+class Streams(BaseModel):
+    mjpeg: str = Field(description="multipart/x-mixed-replace JPEG stream of the session's video")
+    rtsp: str | None = Field(description="RTSP path the video is pushed to (config stream.rtsp.url), or null")
+
+
+class SessionCreated(BaseModel):
+    id: str
+    token: str = Field(description="send as `Authorization: Bearer <token>` to control or delete the session")
+    streams: Streams
+
+
+class ControlState(BaseModel):
+    throttle: float
+    steer: float
+    brake: float
+    reverse: bool
+    hand_brake: bool
+    autopilot: bool
+
+
+class VideoOutput(BaseModel):
+    published: int = Field(description="frames pushed / written")
+    dropped: int = Field(description="frames the encoder could not keep up with")
+    error: str | None = Field(description="why this output stopped, if it has")
+
+
+class SessionStats(BaseModel):
+    frames_in: int = Field(description="condition frames pushed into the queue")
+    frames_out: int = Field(description="generated frames out of the queue")
+    fps: float = Field(description="generated frames per second over the last serve.fps_window seconds")
+    queue_depth: int = Field(description="frames between a frame's conditions entering and its picture leaving")
+    ego_speed: float = Field(description="m/s, signed (negative when reversing)")
+    sim_time: float = Field(description="s, simulation time of the newest observation")
+    shown_sim_time: float | None = Field(description="s, simulation time of the newest generated frame")
+    fps_condition: float | None = Field(
+        description="the fps camera condition of the newest frame pushed (realtime: follows the simulated time step)"
+    )
+    control_latency_frames: int | None = Field(
+        description="frames out from the last control that reached the screen to the first frame showing it"
+    )
+    control_latency_s: float | None = Field(description="seconds from that control to that frame")
+    viewers: int = Field(description="MJPEG viewers now")
+    rtsp: VideoOutput | None = Field(description="the RTSP push (config stream.rtsp.url), or null")
+    recording: VideoOutput | None = Field(description="the MP4 recording ({\"record\": true}), or null")
+
+
+class SessionState(BaseModel):
+    id: str
+    state: Literal["warming", "running"]
+    ego: str = Field(description="the ego car's id in the world")
+    created: float = Field(description="Unix time the session was created")
+    options: dict
+    control: ControlState
+    streams: Streams
+    stats: SessionStats
+
+
+def allowed_values() -> dict[str, str]:
+    """Field name -> what it allows, for error messages (from the models' descriptions)."""
+    allowed: dict[str, str] = {}
+    for model in (ControlRequest, SessionOptions):
+        for name, field in model.model_fields.items():
+            allowed.setdefault(name, (field.description or "").rsplit("; ", 1)[-1])
+    return allowed
