@@ -1,0 +1,470 @@
+"""The Serve application in-process: sessions over HTTP, their MJPEG and RTSP video, the API's
+answers to bad requests, and the builder's overrides.
+
+One Serve instance (small model settings, a free HTTP port, RTSP pushed to a free port) is
+shared by the module; every test deletes the sessions it made.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import requests
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+import deployments  # noqa: E402
+from dwm.client.api import ApiError, SessionClient  # noqa: E402
+from dwm.config import ConfigError  # noqa: E402
+from dwm.streaming.encoder import ACCESS_UNIT_DELIMITER  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small queue (N=6 steps, T=3: depth 2) so frames come out after 3 rounds.
+FAST = {"pipeline.steps": "6", "pipeline.window": "3", "world.vehicles": "8"}
+MAX_SESSIONS = 3
+VIEWS, VIEW_H, VIEW_W = 3, 172, 304  # nusc_3views at pipeline.output_size
+MODEL_W = 304  # pipeline.resolution width: one view of the layout PNG
+WAIT_S = 120.0  # upper bound for anything to happen; a healthy run takes a few seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eventually(check: Callable[[], object], what: str, timeout: float = WAIT_S):
+    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+class Server:
+    def __init__(self, base: str, rtsp_base: str, rtsp_port: int, record_dir: Path):
+        self.base, self.rtsp_base, self.rtsp_port, self.record_dir = base, rtsp_base, rtsp_port, record_dir
+        self.tokens: dict[str, str] = {}
+
+    def create(self, **options) -> dict:
+        r = requests.post(f"{self.base}/sessions", json=options or None, timeout=60)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        self.tokens[body["id"]] = body["token"]
+        return body
+
+    def state(self, session_id: str) -> dict:
+        r = requests.get(f"{self.base}/sessions/{session_id}", timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def control(self, session_id: str, token: str | None = None, **changes) -> requests.Response:
+        token = self.tokens[session_id] if token is None else token
+        return requests.post(
+            f"{self.base}/sessions/{session_id}/control", json=changes,
+            headers={"Authorization": f"Bearer {token}"}, timeout=30,
+        )
+
+    def delete(self, session_id: str) -> requests.Response:
+        r = requests.delete(
+            f"{self.base}/sessions/{session_id}",
+            headers={"Authorization": f"Bearer {self.tokens[session_id]}"}, timeout=60,
+        )
+        if r.status_code == 200:
+            self.tokens.pop(session_id)
+        return r
+
+    def frames_in(self, session_id: str) -> int:
+        return self.state(session_id)["stats"]["frames_in"]
+
+    def wait_frames_out(self, session_id: str, n: int) -> dict:
+        return eventually(
+            lambda: (s := self.state(session_id))["stats"]["frames_out"] >= n and s,
+            f"{n} frames out of session {session_id}",
+        )
+
+    def front_map(self, session_id: str) -> np.ndarray:
+        """The front camera's map layout of the newest conditions: (H, W) bool, lines True."""
+        r = eventually(
+            lambda: (r := requests.get(f"{self.base}/sessions/{session_id}/layout.png?kind=map", timeout=30))
+            .status_code == 200 and r,
+            "a layout",
+        )
+        strip = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+        assert strip.shape[1] == VIEWS * MODEL_W
+        return strip[:, MODEL_W : 2 * MODEL_W].max(axis=2) > 128  # CAM_FRONT is the middle view
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    record_dir = tmp_path_factory.mktemp("recordings")
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    port, rtsp_port = free_port(), free_port()
+    rtsp_base = f"rtsp://127.0.0.1:{rtsp_port}/dwm"
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployments.app({
+            **FAST, "serve.max_sessions": str(MAX_SESSIONS), "stream.rtsp.url": rtsp_base,
+            "serve.graceful_shutdown_s": "1.0", "serve.record_dir": str(record_dir),
+        }))
+        yield Server(f"http://127.0.0.1:{port}", rtsp_base, rtsp_port, record_dir)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def api(server: Server) -> Iterator[Server]:
+    """The server; the sessions a test creates are deleted after it."""
+    yield server
+    for session_id in list(server.tokens):
+        server.delete(session_id)
+
+
+# ----------------------------------------------------------------------------- MJPEG
+
+
+class MjpegReader:
+    """Reads the parts of a multipart/x-mixed-replace stream of JPEGs."""
+
+    def __init__(self, url: str):
+        self.response = requests.get(url, stream=True, timeout=WAIT_S)
+        assert self.response.status_code == 200, self.response.text
+        content_type = self.response.headers["content-type"]
+        assert content_type.startswith("multipart/x-mixed-replace"), content_type
+        self.boundary = b"--" + content_type.split("boundary=")[1].encode()
+        self._chunks = self.response.iter_content(chunk_size=None)
+        self._buffer = b""
+
+    def _fill(self) -> bool:
+        try:
+            self._buffer += next(self._chunks)
+            return True
+        except StopIteration:
+            return False
+
+    def next_frame(self) -> tuple[dict, np.ndarray] | None:
+        """(part headers, decoded RGB image), or None when the stream has ended."""
+        while b"\r\n\r\n" not in self._buffer:
+            if not self._fill():
+                return None
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode().strip().split("\r\n")
+        assert lines[0] == self.boundary.decode(), lines
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        assert headers["content-type"] == "image/jpeg"
+        size = int(headers["content-length"])
+        while len(self._buffer) < size + 2:
+            if not self._fill():
+                return None
+        jpeg, self._buffer = self._buffer[:size], self._buffer[size + 2 :]
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None, "a part is not a JPEG"
+        return headers, image[..., ::-1]
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def read_frames(server: Server, session_id: str, n: int) -> list[tuple[dict, np.ndarray]]:
+    reader = MjpegReader(f"{server.base}/sessions/{session_id}/video.mjpg")
+    try:
+        return [reader.next_frame() for _ in range(n)]
+    finally:
+        reader.close()
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_two_sessions_at_once_each_get_their_own_mjpeg_video(api):
+    a, b = api.create(), api.create()
+    assert a["id"] != b["id"] and a["token"] != b["token"]
+    assert a["streams"]["mjpeg"] == f"{api.base}/sessions/{a['id']}/video.mjpg"
+
+    for session in (a, b):
+        frames = read_frames(api, session["id"], 3)
+        indices = [int(headers["x-frame-index"]) for headers, _ in frames]
+        assert indices == sorted(set(indices))  # newer frames only, none repeated
+        for _, image in frames:
+            assert image.shape == (VIEW_H, VIEWS * VIEW_W, 3)
+
+    listed = requests.get(f"{api.base}/sessions", timeout=30).json()
+    assert {s["id"] for s in listed} == {a["id"], b["id"]}
+    assert all("token" not in s for s in listed)
+    # The override pipeline.steps=6 pipeline.window=3 reached the sessions' queues (the
+    # default config's queue is 5 deep).
+    assert api.state(a["id"])["stats"]["queue_depth"] == 2
+
+
+def _centre_x(lines: np.ndarray) -> float:
+    return float(np.nonzero(lines)[1].mean())
+
+
+def test_steering_one_session_left_moves_only_its_own_map_lines(api):
+    a, b = api.create(autopilot=False), api.create(autopilot=False)
+    for session in (a, b):
+        api.wait_frames_out(session["id"], 1)
+    a0, b0 = _centre_x(api.front_map(a["id"])), _centre_x(api.front_map(b["id"]))
+    start = api.frames_in(a["id"])
+
+    r = api.control(a["id"], steer=-1.0)
+    assert r.status_code == 200, r.text
+    assert r.json()["steer"] == -1.0
+
+    # Turning left swings the road to the right in the front camera; the other car drives
+    # straight on and its lines stay where they were.
+    b_moves = []
+
+    def a_turned() -> bool:
+        b_moves.append(abs(_centre_x(api.front_map(b["id"])) - b0))
+        return _centre_x(api.front_map(a["id"])) - a0 > 12
+
+    eventually(a_turned, "session A's map lines to move right")
+    assert api.frames_in(a["id"]) > start
+    assert max(b_moves) < 5, b_moves
+    assert api.state(b["id"])["control"]["steer"] == 0.0
+    stats = api.state(a["id"])["stats"]
+    assert stats["control_latency_frames"] is None or stats["control_latency_frames"] >= 1
+
+
+def test_deleting_one_session_leaves_the_other_running(api):
+    a, b = api.create(), api.create()
+    api.wait_frames_out(b["id"], 1)
+    reader = MjpegReader(f"{api.base}/sessions/{a['id']}/video.mjpg")
+    assert reader.next_frame() is not None
+
+    r = api.delete(a["id"])
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == a["id"]
+    # Its stream ends, it is gone from the API, and its token no longer works.
+    while reader.next_frame() is not None:
+        pass
+    reader.close()
+    assert requests.get(f"{api.base}/sessions/{a['id']}", timeout=30).status_code == 404
+    assert [s["id"] for s in requests.get(f"{api.base}/sessions", timeout=30).json()] == [b["id"]]
+
+    before = api.state(b["id"])["stats"]["frames_out"]
+    api.wait_frames_out(b["id"], before + 2)
+    assert read_frames(api, b["id"], 1)[0][1].shape == (VIEW_H, VIEWS * VIEW_W, 3)
+
+
+def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
+    a, b = api.create(), api.create()
+    api.wait_frames_out(a["id"], 1)
+    assert api.control(a["id"], throttle=0.3).status_code == 200
+    base, url = api.base, f"{api.base}/sessions/{a['id']}"
+
+    # Another session's token, or none.
+    r = api.control(a["id"], token=b["token"], steer=0.5)
+    assert r.status_code == 403 and a["id"] in r.json()["detail"]
+    r = requests.post(f"{url}/control", json={"steer": 0.5}, timeout=30)
+    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"]
+    r = requests.delete(url, headers={"Authorization": f"Bearer {b['token']}"}, timeout=30)
+    assert r.status_code == 403
+
+    # Sessions that do not exist.
+    for r in (
+        requests.get(f"{base}/sessions/nosuch", timeout=30),
+        requests.get(f"{base}/sessions/nosuch/video.mjpg", timeout=30),
+        requests.post(
+            f"{base}/sessions/nosuch/control", json={"steer": 0.1},
+            headers={"Authorization": f"Bearer {a['token']}"}, timeout=30,
+        ),
+        requests.delete(f"{base}/sessions/nosuch", headers={"Authorization": f"Bearer {a['token']}"}, timeout=30),
+    ):
+        assert r.status_code == 404 and "nosuch" in r.json()["detail"], r.text
+
+    # Out of range, wrong types, unknown fields: 422 saying what is allowed.
+    for changes, field, allowed in (
+        ({"throttle": 1.5}, "throttle", "[0, 1]"),
+        ({"steer": -2}, "steer", "[-1, 1]"),
+        ({"brake": "full"}, "brake", "[0, 1]"),
+        ({"reverse": "yes"}, "reverse", "true or false"),
+        ({"wings": 1}, "wings", "throttle, steer, brake, reverse, hand_brake, autopilot"),
+    ):
+        r = api.control(a["id"], **changes)
+        assert r.status_code == 422, r.text
+        message = r.json()["detail"][0]["msg"]
+        assert field in message and allowed in message, message
+    r = requests.post(f"{base}/sessions", json={"colour": "red"}, timeout=30)
+    assert r.status_code == 422 and "autopilot" in r.json()["detail"][0]["msg"]
+
+    # Too many sessions: refused with the reason.
+    while len(api.tokens) < MAX_SESSIONS:
+        api.create()
+    r = requests.post(f"{base}/sessions", timeout=30)
+    assert r.status_code == 503, r.text
+    assert "serve.max_sessions" in r.json()["detail"] and str(MAX_SESSIONS) in r.json()["detail"]
+
+    # None of it touched the running session: its control is the last good one and it goes on.
+    state = api.state(a["id"])
+    assert state["control"]["throttle"] == 0.3 and state["control"]["steer"] == 0.0
+    api.wait_frames_out(a["id"], state["stats"]["frames_out"] + 2)
+
+
+def test_the_api_keeps_its_names_and_serves_the_page_and_docs(api):
+    paths = requests.get(f"{api.base}/openapi.json", timeout=30).json()["paths"]
+    assert set(paths["/sessions"]) == {"get", "post"}
+    assert set(paths["/sessions/{session_id}"]) == {"get", "delete"}
+    assert set(paths["/sessions/{session_id}/control"]) == {"post"}
+    assert "get" in paths["/sessions/{session_id}/video.mjpg"]
+    assert requests.get(f"{api.base}/docs", timeout=30).status_code == 200
+    page = requests.get(f"{api.base}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/sessions" in page.text and "<img" in page.text
+
+
+def test_the_python_client_drives_a_session_and_reports_refusals(api):
+    client = SessionClient.create(api.base, {"autopilot": True})
+    api.tokens[client.id] = client.token
+    assert client.state()["control"]["autopilot"] is True
+    control = client.control(autopilot=False, throttle=0.8)
+    assert control["autopilot"] is False and control["throttle"] == 0.8
+    with pytest.raises(ApiError, match=r"422 .*steer.*\[-1, 1\]"):
+        client.control(steer=3)
+    with pytest.raises(ApiError) as refused:
+        SessionClient(api.base, client.id, "not-the-token").control(steer=0.1)
+    assert refused.value.status == 403
+    assert client.delete()["id"] == client.id
+    api.tokens.pop(client.id)
+    with pytest.raises(ApiError) as gone:
+        client.state()
+    assert gone.value.status == 404
+
+
+# ----------------------------------------------------------------------------- RTSP
+
+
+def receive(url: str, out: mp.Queue) -> None:
+    """FFmpeg's RTSP listen mode in a child process (PyAV holds the GIL while a publisher
+    connects, so it cannot share a process with one): sends back each decoded frame's shape."""
+    try:
+        options = {"rtsp_flags": "listen", "listen_timeout": "60", "probesize": "32", "analyzeduration": "0"}
+        with av.open(url, options=options, timeout=(60.0, 30.0)) as c:
+            for packet in c.demux(c.streams.video[0]):
+                if bytes(packet) == ACCESS_UNIT_DELIMITER:
+                    continue  # the delimiter after the last frame arrives alone at teardown
+                for frame in packet.decode():
+                    out.put(("frame", frame.to_ndarray(format="rgb24").shape))
+        out.put(("done", None))
+    except BaseException as e:
+        out.put(("error", repr(e)))
+
+
+def listening(port: int) -> bool:
+    """Whether a TCP socket listens on `port` (from /proc, without connecting to it)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and state == "0A":
+                    return True
+    return False
+
+
+def test_rtsp_gets_the_sessions_frames(api):
+    assert requests.get(f"{api.base}/sessions", timeout=30).json() == []  # no other publisher
+    ctx = mp.get_context("spawn")
+    frames: mp.Queue = ctx.Queue()
+    receiver = ctx.Process(target=receive, args=(f"{api.rtsp_base}/any", frames), daemon=True)
+    receiver.start()
+    try:
+        eventually(lambda: listening(api.rtsp_port), "the RTSP receiver to listen")
+        session = api.create()
+        assert session["streams"]["rtsp"] == f"{api.rtsp_base}/{session['id']}"
+        api.wait_frames_out(session["id"], 5)
+        final = api.delete(session["id"]).json()["stats"]
+
+        shapes = []
+        while True:
+            kind, value = frames.get(timeout=60)
+            if kind == "done":
+                break
+            assert kind == "frame", f"the RTSP receiver failed: {value}"
+            shapes.append(value)
+    finally:
+        receiver.kill()
+        receiver.join(timeout=10)
+
+    # Every frame the session made went out (or was counted as dropped, should the encoder
+    # have fallen behind), and the receiver decoded exactly the frames that went out.
+    rtsp = final["rtsp"]
+    assert rtsp["error"] is None
+    assert rtsp["published"] + rtsp["dropped"] == final["frames_out"] >= 5
+    assert len(shapes) == rtsp["published"] > 0
+    assert set(shapes) == {(VIEW_H, VIEWS * VIEW_W, 3)}
+
+
+def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api):
+    # Nothing listens on the RTSP port now: the push fails, the recording must not.
+    session = api.create(record=True)
+    assert api.wait_frames_out(session["id"], 4)["options"]["record"] is True
+    final = api.delete(session["id"]).json()["stats"]
+    assert final["rtsp"]["error"] is not None and "RTSP" in final["rtsp"]["error"]
+    recording = final["recording"]
+    assert recording["error"] is None
+    assert recording["published"] + recording["dropped"] == final["frames_out"] >= 4
+
+    with av.open(str(api.record_dir / f"{session['id']}.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == recording["published"] > 0
+    assert frames[0].shape == (VIEW_H, VIEWS * VIEW_W, 3)
+
+
+# ----------------------------------------------------------------------------- the builder
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"world.mapp": "merge"}, "world.mapp"),
+        ({"world.map": "moon"}, "moon"),
+        ({"pipeline.bands": "5"}, "bands"),
+        ({"serve.clock": "sundial"}, "serve.clock"),
+        ({"serve.max_sessions": "0"}, "serve.max_sessions"),
+    ],
+)
+def test_builder_refuses_a_bad_override_naming_it(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        deployments.app(override)
+
+
+def test_builder_takes_serve_run_string_arguments():
+    # `serve run deployments:app world.map=merge pipeline.guidance=1.0` passes strings.
+    assert deployments.app({"world.map": "merge", "pipeline.guidance": "1.0"}) is not None
+
+
+def test_serve_run_with_a_bad_override_stops_naming_the_key():
+    serve_cli = Path(sys.executable).with_name("serve")
+    result = subprocess.run(
+        [str(serve_cli), "run", "deployments:app", "world.mapp=merge"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode != 0
+    assert "world.mapp: no such config key" in result.stderr + result.stdout
