@@ -2,8 +2,8 @@
 
 Each session has its own `StreamingPipeline` (its FIFO queue and cached contexts) around the
 shared model components. A round hands all sessions' new conditions over in one call
-(`push_many`, conditions packed to uint8 layouts); today the sessions are pushed one after the
-other inside it.
+(`push_many`, conditions packed to uint8 layouts), and every Euler step of that round is one
+model call over all the sessions' windows (`dwm.pipelines.streaming.push_many`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ray import serve
 
 from dwm.conditions.packed import PackedConditions
-from dwm.pipelines.streaming import StreamingPipeline
+from dwm.pipelines.streaming import StreamingPipeline, push_many
 
 
 @dataclass
@@ -59,10 +59,7 @@ class Denoiser:
     def push_many(self, frames: dict[str, PackedConditions]) -> dict[str, list[GeneratedImages]]:
         """Push each session's new conditions; returns the pictures that leave the queues
         (without their conditions: the caller has them). A session closed meanwhile is skipped."""
-        out: dict[str, list[GeneratedImages]] = {}
         with self._lock:
-            for session_id, packed in frames.items():
-                pipeline = self.pipelines.get(session_id)
-                if pipeline is not None:
-                    out[session_id] = [GeneratedImages(f.index, f.images) for f in pipeline.push(packed.unpack())]
-        return out
+            ids = [session_id for session_id in frames if session_id in self.pipelines]
+            pushed = push_many([(self.pipelines[i], frames[i].unpack()) for i in ids])
+        return {i: [GeneratedImages(f.index, f.images) for f in out] for i, out in zip(ids, pushed)}

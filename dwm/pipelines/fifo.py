@@ -131,6 +131,81 @@ class Band:
         advance_bands([self], step_fn, sigmas, steps, None if delays is None else delays[None], on_call)
 
 
+class Shift:
+    """The Euler steps of one push over full windows of `bands`, prepared up front.
+
+    The whole schedule is known before the first model call, so it is computed once on the
+    CPU and moved to the latents' device: the step loop is then only the model call and the
+    update. A caller runs the steps itself (`run`) or interleaves the steps of several
+    queues' shifts, one model call for all of them per step (`dwm.pipelines.streaming.push_many`).
+
+    latents (B, T, V, C, h, w): the windows, stacked; timesteps (steps, B, T, V) float32 =
+    sigma * 1000 per slot and step, repeated over views; grid: the shift's `PayloadGrid`.
+    """
+
+    def __init__(
+        self,
+        bands: Sequence[Band],
+        sigmas: torch.Tensor,
+        steps: int,
+        delays: torch.Tensor | None = None,
+    ):
+        if not all(band.full for band in bands):
+            raise RuntimeError("every band must hold a full window to advance")
+        self.bands = list(bands)
+        self.latents = torch.stack([band.latents for band in bands])  # (B, T, V, C, h, w)
+        indices = torch.stack([band.indices for band in bands])  # (B, T) long, CPU
+        self.grid: PayloadGrid = tuple(tuple(band.payloads) for band in bands)
+        self.steps = steps
+        n_bands, window, views = self.latents.shape[:3]
+        if delays is None:
+            delays = torch.zeros_like(indices)
+        k = torch.arange(steps).view(steps, 1, 1)
+        active = delays[None] <= k  # (steps, B, T)
+        at = indices[None] + (k - delays[None]).clamp(min=0)  # step index at the start of step k
+        if bool((indices + (steps - delays).clamp(min=0) >= sigmas.shape[0]).any()):
+            raise RuntimeError(f"a frame would be stepped past the last of {sigmas.shape[0] - 1} steps")
+        sigma = sigmas[at]  # (steps, B, T)
+        device = self.latents.device
+        self.timesteps = (sigma * 1000).unsqueeze(-1).expand(-1, -1, -1, views).contiguous().to(device)
+        self._dt = (sigmas[at + active.long()] - sigma).to(device)  # (steps, B, T), <= 0
+        self._mask = active.to(device)
+        self._per_slot = (n_bands, window) + (1,) * (self.latents.dim() - 2)  # broadcast over (V, C, h, w)
+        self._end_indices = indices + (steps - delays).clamp(min=0)
+        self.done = 0  # steps applied so far
+
+    def apply(self, velocity: torch.Tensor) -> None:
+        """One Euler step with the model's velocity (B, T, V, C, h, w) for `timesteps[done]`:
+        x <- x + (sigma[idx+1] - sigma[idx]) * v, in float32, cast back to the latents' dtype;
+        slots not yet started (see `delays`) stay bit-identical."""
+        if self.done >= self.steps:
+            raise RuntimeError(f"this shift has had all its {self.steps} steps")
+        if velocity.shape != self.latents.shape:
+            raise ValueError(
+                f"step function returned velocity of shape {tuple(velocity.shape)}; "
+                f"expected the latents' shape {tuple(self.latents.shape)}"
+            )
+        i, latents = self.done, self.latents
+        stepped = (latents.float() + self._dt[i].view(self._per_slot) * velocity.float()).to(latents.dtype)
+        self.latents = torch.where(self._mask[i].view(self._per_slot), stepped, latents)
+        self.done += 1
+
+    def run(self, step_fn: StepFunction, on_call: Callable[[int], None] | None = None) -> None:
+        """All the remaining steps with `step_fn`; on_call(done) after each model call."""
+        with torch.no_grad():
+            while self.done < self.steps:
+                self.apply(step_fn(self.latents, self.timesteps[self.done], self.grid))
+                if on_call is not None:
+                    on_call(self.done)
+
+    def finish(self) -> None:
+        """Write the stepped windows back into the bands."""
+        if self.done != self.steps:
+            raise RuntimeError(f"this shift has had {self.done} of its {self.steps} steps")
+        for b, band in enumerate(self.bands):
+            band.latents, band.indices = self.latents[b], self._end_indices[b]
+
+
 def advance_bands(
     bands: Sequence[Band],
     step_fn: StepFunction,
@@ -143,47 +218,11 @@ def advance_bands(
 
     sigmas (N+1,) float32 on the CPU. delays (B, T) long, optional: slot (b, t) is only
     updated from local step `delays[b, t]` on; before that it stays where it is (pure noise at
-    index 0 during the warm-up) but still sits in the window. The Euler update
-    x <- x + (sigma[idx+1] - sigma[idx]) * v is done in float32 and cast back to the latents'
-    dtype; slots not updated are left bit-identical.
+    index 0 during the warm-up) but still sits in the window. See `Shift` for the update.
     """
-    if not all(band.full for band in bands):
-        raise RuntimeError("every band must hold a full window to advance")
-    latents = torch.stack([band.latents for band in bands])  # (B, T, V, C, h, w)
-    indices = torch.stack([band.indices for band in bands])  # (B, T) long, CPU
-    grid: PayloadGrid = tuple(tuple(band.payloads) for band in bands)
-    n_bands, window, views = latents.shape[:3]
-    if delays is None:
-        delays = torch.zeros_like(indices)
-
-    # The whole shift's schedule is known up front: compute it on the CPU and move it to
-    # the latents' device once, so the step loop is only the model call and the update.
-    k = torch.arange(steps).view(steps, 1, 1)
-    active = delays[None] <= k  # (steps, B, T)
-    at = indices[None] + (k - delays[None]).clamp(min=0)  # step index at the start of step k
-    if bool((indices + (steps - delays).clamp(min=0) >= sigmas.shape[0]).any()):
-        raise RuntimeError(f"a frame would be stepped past the last of {sigmas.shape[0] - 1} steps")
-    sigma = sigmas[at]  # (steps, B, T)
-    timesteps = (sigma * 1000).unsqueeze(-1).expand(-1, -1, -1, views).contiguous().to(latents.device)
-    dt = (sigmas[at + active.long()] - sigma).to(latents.device)  # (steps, B, T), <= 0
-    per_slot = (n_bands, window) + (1,) * (latents.dim() - 2)  # broadcast over (V, C, h, w)
-    mask = active.to(latents.device)
-
-    with torch.no_grad():
-        for i in range(steps):
-            velocity = step_fn(latents, timesteps[i], grid)
-            if velocity.shape != latents.shape:
-                raise ValueError(
-                    f"step function returned velocity of shape {tuple(velocity.shape)}; "
-                    f"expected the latents' shape {tuple(latents.shape)}"
-                )
-            stepped = (latents.float() + dt[i].view(per_slot) * velocity.float()).to(latents.dtype)
-            latents = torch.where(mask[i].view(per_slot), stepped, latents)
-            if on_call is not None:
-                on_call(i + 1)
-    indices = indices + (steps - delays).clamp(min=0)
-    for b, band in enumerate(bands):
-        band.latents, band.indices = latents[b], indices[b]
+    shift = Shift(bands, sigmas, steps, delays)
+    shift.run(step_fn, on_call)
+    shift.finish()
 
 
 class BandedFifoQueue:
@@ -284,7 +323,17 @@ class BandedFifoQueue:
         model and a caller may route its windows wherever the denoiser lives.
         on_step(done, total) is called after each model call of this push.
         """
-        total = self.calls_for_next_push
+        shift = self.begin_push(payload)
+        if shift is None:
+            return None
+        total = shift.steps
+        shift.run(step_fn, None if on_step is None else (lambda done: on_step(done, total)))
+        return self.end_push(shift)
+
+    def begin_push(self, payload: Any) -> Shift | None:
+        """The first half of `push`: a fresh noise frame enters with `payload`; returns the
+        shift to run (N steps for the warm-up, s after), or None while the queue gathers.
+        Run all its steps, then call `end_push` with it before the next push."""
         noise = torch.randn(self.frame_shape, generator=self.generator, dtype=torch.float32)
         slot = Slot(noise.to(device=self.device, dtype=self.dtype), payload, 0)
         if self.warming:
@@ -296,14 +345,14 @@ class BandedFifoQueue:
         self._last_payload = payload
         if self.warming:
             return None
-
         if self.pushed == self.length:  # the L-th frame: warm up all slots
-            steps, delays = self.steps, self._warmup_delays
-        else:
-            steps, delays = self.steps_per_shift, None
-        on_call = None if on_step is None else (lambda done: on_step(done, total))
-        advance_bands(self.bands, step_fn, self.sigmas, steps, delays, on_call)
+            return Shift(self.bands, self.sigmas, self.steps, self._warmup_delays)
+        return Shift(self.bands, self.sigmas, self.steps_per_shift)
 
+    def end_push(self, shift: Shift) -> LeavingFrame:
+        """The second half of `push`: store the stepped windows, hand each band's cleanest
+        frame on, and return the frame that leaves."""
+        shift.finish()
         leaving = self.bands[-1].hand_over()
         if leaving.index != self.steps:
             raise RuntimeError(f"leaving frame has had {leaving.index} of {self.steps} steps")

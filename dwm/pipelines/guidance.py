@@ -85,15 +85,27 @@ class GuidedStep:
             self._grid, self._context = payloads, context
         return self._context
 
+    def inputs(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, payloads: PayloadGrid
+    ) -> tuple[torch.Tensor, torch.Tensor, FrameContext]:
+        """The denoiser's batch for one step: latents (2B or B, T, V, C, h, w), timesteps
+        (2B or B, T, V) and the context, the unconditional half first when guided."""
+        context = self.context(payloads)
+        if not self.guided:
+            return latents, timesteps, context
+        return torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), context
+
+    def combine(self, output: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for `inputs` -> the guided velocity (B, T, V, C, h, w)."""
+        if not self.guided:
+            return output
+        v_uncond, v_cond = output.chunk(2)
+        return v_uncond + self.guidance * (v_cond - v_uncond)
+
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, payloads: PayloadGrid) -> torch.Tensor:
         """latents (B, T, V, C, h, w); timesteps (B, T, V); returns velocity (B, T, V, C, h, w)."""
         with torch.no_grad():
-            context = self.context(payloads)
-            if not self.guided:
-                return self.denoiser(latents, timesteps, context)
-            both = self.denoiser(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), context)
-            v_uncond, v_cond = both.chunk(2)
-            return v_uncond + self.guidance * (v_cond - v_uncond)
+            return self.combine(self.denoiser(*self.inputs(latents, timesteps, payloads)))
 
 
 @dataclass

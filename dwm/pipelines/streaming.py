@@ -9,6 +9,7 @@ only the batched denoiser call and the Euler update.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 from dwm.conditions.frame import ConditionFrame
 from dwm.config import ConfigError, instantiate
 from dwm.models.base import Denoiser, FrameContext, LatentDecoder, TextEmbedding, TextEncoder
-from dwm.pipelines.fifo import BandedFifoQueue, ProgressCallback
+from dwm.pipelines.fifo import BandedFifoQueue, LeavingFrame, ProgressCallback, Shift
 from dwm.pipelines.guidance import GuidedStep, UnconditionalContexts
 
 LATENT_SCALE = 8  # VAE downsampling: latent (h, w) = image (H/8, W/8)
@@ -157,22 +158,24 @@ class StreamingPipeline:
             self._text = self.text_encoder.encode(captions)
         return self._text
 
-    @torch.inference_mode()
     def push(self, frame: ConditionFrame, on_step: ProgressCallback | None = None) -> list[GeneratedFrame]:
         """Add a frame's conditions; returns the frames that leave the queue (zero or one)."""
+        return push_many([(self, frame)], on_step)[0]
+
+    def _begin(self, frame: ConditionFrame) -> Shift | None:
+        """The per-frame work of a push (text, frame contexts) and the queue's shift to run."""
         layout = frame.layout.to(self.device, self.dtype)
         camera = frame.camera_params.to(self.device, self.dtype)
         text = self._text_embedding(frame.captions)
         cond = self.denoiser.frame_context(layout, camera, text)
         uncond = self.unconditional(camera, self.resolution) if self.unconditional else None
         self.frames_in += 1
-        leaving = self.queue.push(QueuedFrame(cond, uncond, frame), self.step, on_step)
-        if leaving is None:
-            return []
-        images = self.decoder.decode(leaving.latent.float()).float().cpu()
-        out = GeneratedFrame(images, leaving.payload.frame, self.frames_out, self.frames_in)
+        return self.queue.begin_push(QueuedFrame(cond, uncond, frame))
+
+    def _generated(self, images: torch.Tensor, frame: ConditionFrame) -> GeneratedFrame:
+        out = GeneratedFrame(images, frame, self.frames_out, self.frames_in)
         self.frames_out += 1
-        return [out]
+        return out
 
     def reset(self) -> None:
         """Empty the queue (a new stream); the next frames warm it up again."""
@@ -180,3 +183,82 @@ class StreamingPipeline:
         self._text = None
         self.frames_in = self.frames_out = 0
 
+
+
+@torch.inference_mode()
+def push_many(
+    pushes: Sequence[tuple[StreamingPipeline, ConditionFrame]], on_step: ProgressCallback | None = None
+) -> list[list[GeneratedFrame]]:
+    """Push one frame into each of several queues (driving sessions) and run their model work
+    together: per Euler step, one denoiser call on the windows of every queue that still has
+    steps in this push, and one decoder call for all the frames that leave.
+
+    Queues that share a denoiser and a latent frame shape are batched (continuous batching:
+    a queue warming up takes N steps, the others s, so it runs on alone after their s steps;
+    a queue joining or leaving changes the batch, never another queue's frames). Returns,
+    per push, the frames leaving that queue (zero or one), exactly as `push` one by one would
+    up to the rounding of a larger batch. on_step(done, total): after each round of calls.
+    """
+    pipelines = [pipeline for pipeline, _ in pushes]
+    if len({id(p) for p in pipelines}) != len(pipelines):
+        raise ValueError("push_many takes at most one frame per queue")
+    shifts = [pipeline._begin(frame) for pipeline, frame in pushes]
+    running = [(p, s) for p, s in zip(pipelines, shifts) if s is not None]
+    total = max((s.steps for _, s in running), default=0)
+    contexts: dict[tuple[int, ...], FrameContext] = {}  # concatenated contexts, per batch
+    for done in range(total):
+        active = [(p, s) for p, s in running if s.done < s.steps]
+        for group in _batches(active, lambda ps: (id(ps[0].denoiser), ps[1].latents.shape[1:], ps[1].latents.dtype)):
+            _step_together(group, contexts)
+        if on_step is not None:
+            on_step(done + 1, total)
+
+    leaving: dict[int, LeavingFrame] = {}
+    for p, s in running:
+        leaving[id(p)] = p.queue.end_push(s)
+    images = _decode_together([(p, leaving[id(p)].latent) for p, _ in running])
+    out: list[list[GeneratedFrame]] = []
+    for pipeline in pipelines:
+        frame = leaving.get(id(pipeline))
+        out.append([] if frame is None else [pipeline._generated(images[id(pipeline)], frame.payload.frame)])
+    return out
+
+
+def _batches(items: list, key) -> list[list]:
+    """`items` grouped by `key`, groups in order of first appearance."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def _step_together(group: list[tuple[StreamingPipeline, Shift]], contexts: dict) -> None:
+    """One Euler step of every shift in `group` (same denoiser) through one denoiser call.
+
+    Each queue's guidance turns its windows (B, T, V, C, h, w) into its batch rows (2B or B);
+    the rows of all queues are concatenated along the first axis, the contexts too (once per
+    set of queues: they do not change during a push), and the output is split back."""
+    inputs = [p.step.inputs(s.latents, s.timesteps[s.done], s.grid) for p, s in group]
+    denoiser = group[0][0].denoiser
+    if len(group) == 1:
+        outputs = [denoiser(*inputs[0])]
+    else:
+        key = tuple(id(s) for _, s in group)
+        if key not in contexts:
+            contexts[key] = {name: torch.cat([c[name] for _, _, c in inputs]) for name in inputs[0][2]}
+        rows = [x.shape[0] for x, _, _ in inputs]
+        batched = denoiser(torch.cat([x for x, _, _ in inputs]), torch.cat([t for _, t, _ in inputs]), contexts[key])
+        outputs = batched.split(rows)
+    for (p, s), output in zip(group, outputs):
+        s.apply(p.step.combine(output))
+
+
+def _decode_together(latents: list[tuple[StreamingPipeline, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Leaving latents (V, C, h, w), one per pipeline -> images (V, 3, H, W) float32 on the
+    CPU, keyed by id(pipeline); one decoder call per decoder (views concatenated)."""
+    images: dict[int, torch.Tensor] = {}
+    for group in _batches(latents, lambda pl: (id(pl[0].decoder), pl[1].shape[1:])):
+        decoded = group[0][0].decoder.decode(torch.cat([z.float() for _, z in group])).float().cpu()
+        for (p, _), part in zip(group, decoded.split([z.shape[0] for _, z in group])):
+            images[id(p)] = part
+    return images
