@@ -8,8 +8,18 @@ TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: setup run test bench clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: setup browser run test bench clean
 setup: $(VENV)/.installed
+
+# The browser page test drives Debian's Chromium; installed here when missing and we may
+# (root with apt-get), otherwise the test says how to install it.
+browser:
+	@test -x $(CHROMIUM) || command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: no Chromium; the browser page test needs it: sudo apt-get install chromium"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +30,13 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) -m dwm.run $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) -m bench.bench_conditions
 	$(PY) -m bench.bench_loop
+	$(PY) -m bench.bench_serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,276 @@
+"""The browser page served at `/`, driven in headless Chromium: it starts a session, shows its
+live video and stats, drives with the keyboard, reports refusals, and ends the session.
+
+Needs Debian's `chromium` (/usr/bin/chromium) and the Python `playwright` package (in the
+`test` extra); Playwright drives the system browser, it never downloads one. `.ci/run`
+installs Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+import deployments  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small queue (N=6 steps, T=3) so frames come out after a few rounds; one session at most, so
+# a second tab is refused.
+OVERRIDES = {
+    "pipeline.steps": "6", "pipeline.window": "3", "world.vehicles": "8",
+    "serve.max_sessions": "1", "serve.graceful_shutdown_s": "1.0",
+}
+WAIT_S = 120.0  # upper bound for anything to happen; a healthy run takes a few seconds
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+INSTALL_HINT = (
+    "install them with `apt-get install -y chromium` (Debian's package, /usr/bin/chromium) and "
+    "`.venv/bin/python -m pip install playwright` (or `pip install -e .[test]`); do not run "
+    "`playwright install`: the test drives the system browser. `.ci/run` installs both."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eventually(check: Callable[[], object], what: str, timeout: float = WAIT_S):
+    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def chromium_path() -> str:
+    path = os.environ.get("DWM_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"the browser page test needs Chromium, and {path} is not there: {INSTALL_HINT}")
+    return path
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (the system binary) under Playwright."""
+    executable = chromium_path()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the browser page test needs the Python package playwright: {INSTALL_HINT}")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def base(browser) -> Iterator[str]:
+    """The Serve app in this process on a free port; its URL."""
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployments.app(OVERRIDES))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def sessions(base: str) -> list[dict]:
+    r = requests.get(f"{base}/sessions", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def server_state(base: str, session_id: str) -> dict:
+    r = requests.get(f"{base}/sessions/{session_id}", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+class Tab:
+    """One page of the app in the browser, recording the script errors it raises."""
+
+    def __init__(self, browser, base: str):
+        self.context = browser.new_context(viewport={"width": 1100, "height": 800})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(WAIT_S * 1000)
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        response = self.page.goto(f"{base}/")
+        assert response is not None and response.status == 200
+
+    def text(self, selector: str) -> str:
+        return self.page.text_content(selector) or ""
+
+    def attr(self, selector: str, name: str) -> str | None:
+        return self.page.get_attribute(selector, name)
+
+    def has_class(self, selector: str, name: str) -> bool:
+        return self.page.eval_on_selector(selector, "(el, name) => el.classList.contains(name)", name)
+
+    def stat(self, name: str) -> float | None:
+        """A number the page put on #stats (data-speed, data-frames), or None before any."""
+        value = self.attr("#stats", f"data-{name}")
+        return None if value in (None, "") else float(value)
+
+    def wait_stat(self, name: str, above: float, what: str) -> float:
+        """Wait until the page's stat `name` is above `above`; its value then."""
+        self.page.wait_for_function(
+            "([name, above]) => { const v = document.getElementById('stats').dataset[name];"
+            " return v !== undefined && v !== '' && Number(v) > above; }",
+            arg=[name, above], timeout=WAIT_S * 1000, polling=200,
+        )
+        value = self.stat(name)
+        assert value is not None and value > above, what
+        return value
+
+    def video_sample(self) -> dict:
+        """The <img>'s current picture, drawn into a canvas (same origin: not tainted): its size,
+        a hash of its pixels, and the spread of its pixel values."""
+        return self.page.eval_on_selector("#video", """(img) => {
+            const w = img.naturalWidth, h = img.naturalHeight;
+            if (!img.complete && !w) return {w: 0, h: 0, hash: 0, spread: 0};
+            if (!w || !h) return {w, h, hash: 0, spread: 0};
+            const c = document.createElement("canvas");
+            c.width = w; c.height = h;
+            const g = c.getContext("2d");
+            g.drawImage(img, 0, 0);
+            const d = g.getImageData(0, 0, w, h).data;
+            let hash = 2166136261, lo = 255, hi = 0;
+            for (let i = 0; i < d.length; i += 4) {
+                const v = (d[i] + d[i + 1] + d[i + 2]) / 3;
+                if (v < lo) lo = v;
+                if (v > hi) hi = v;
+                hash = Math.imul(hash ^ d[i] ^ (d[i + 1] << 8) ^ (d[i + 2] << 16), 16777619) >>> 0;
+            }
+            return {w, h, hash, spread: hi - lo};
+        }""")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def tab(browser, base) -> Iterator[Tab]:
+    t = Tab(browser, base)
+    try:
+        yield t
+    finally:
+        # End the session a failed test left open, with the token the page holds.
+        left = t.page.evaluate("() => session && [session.id, session.token]")
+        t.close()
+        if left:
+            requests.delete(f"{base}/sessions/{left[0]}", headers={"Authorization": f"Bearer {left[1]}"}, timeout=60)
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, browser, base):
+    page = tab.page
+    assert sessions(base) == []
+    assert tab.text("#stats").strip() == "no session"
+    assert page.is_disabled("#stop")
+
+    # New session: the server has it, and the page names it and shows its stats.
+    page.click("#start")
+    page.wait_for_function("() => document.getElementById('session').textContent.includes('session ')")
+    session_id = tab.text("#session").split("session ", 1)[1].strip()
+    assert [s["id"] for s in sessions(base)] == [session_id]
+    assert server_state(base, session_id)["control"]["autopilot"] is False
+    assert page.is_disabled("#start") and page.is_enabled("#stop")
+    frames = tab.wait_stat("frames", 0, "the page's stats to count frames")
+    assert "frames" in tab.text("#stats") and "speed" in tab.text("#stats")
+    assert tab.text("#error") == ""
+
+    # The video element shows the stream, and its picture changes as new frames arrive.
+    src = tab.attr("#video", "src")
+    assert src and src.endswith(f"/sessions/{session_id}/video.mjpg"), src
+    seen = set()
+
+    def new_pictures() -> bool:
+        sample = tab.video_sample()
+        if sample["w"] > 0:
+            assert sample["w"] > sample["h"] > 0, sample  # the camera views side by side
+            assert sample["spread"] > 20, f"the video element shows a flat picture: {sample}"
+            seen.add(sample["hash"])
+        return len(seen) >= 3
+
+    eventually(new_pictures, "the video element to show 3 different frames")
+    assert tab.wait_stat("frames", frames, "more frames counted") > frames
+
+    # A second tab cannot start another session (serve.max_sessions=1): it says why.
+    other = Tab(browser, base)
+    try:
+        other.page.click("#start")
+        other.page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
+        assert "max_sessions" in other.text("#error"), other.text("#error")
+        assert other.text("#session") == "" and other.page.is_enabled("#start")
+        assert other.errors == []
+    finally:
+        other.close()
+    assert [s["id"] for s in sessions(base)] == [session_id]
+
+    # Hold W: the throttle reaches the server and the page's speed rises above where it was
+    # (coasting with the pedals up only ever slows the car down).
+    assert server_state(base, session_id)["control"]["throttle"] == 0.0
+    speed = tab.stat("speed")
+    assert speed is not None
+    page.keyboard.down("w")
+    try:
+        assert tab.has_class("#key-w", "on")
+        eventually(lambda: server_state(base, session_id)["control"]["throttle"] > 0,
+                   "the held W to reach the server as throttle")
+        tab.wait_stat("speed", speed + 1.0, "the page's speed to rise while W is held")
+    finally:
+        page.keyboard.up("w")
+    assert not tab.has_class("#key-w", "on")
+    eventually(lambda: server_state(base, session_id)["control"]["throttle"] == 0.0,
+               "releasing W to lift the throttle")
+
+    # Q toggles reverse, E toggles autopilot: highlighted on the page and sent to the server.
+    for key, field in (("q", "reverse"), ("e", "autopilot")):
+        page.keyboard.press(key)
+        assert tab.has_class(f"#key-{key}", "on")
+        eventually(lambda field=field: server_state(base, session_id)["control"][field] is True,
+                   f"{key.upper()} to turn {field} on")
+        page.keyboard.press(key)
+        assert not tab.has_class(f"#key-{key}", "on")
+        eventually(lambda field=field: server_state(base, session_id)["control"][field] is False,
+                   f"{key.upper()} again to turn {field} off")
+
+    # End session: the server has no sessions left, and the page is back where it started.
+    page.click("#stop")
+    eventually(lambda: sessions(base) == [], "the session to end on the server")
+    page.wait_for_function("() => document.getElementById('stats').textContent.trim() === 'no session'")
+    assert tab.attr("#video", "src") is None
+    assert page.is_enabled("#start") and page.is_disabled("#stop")
+    assert tab.text("#session") == "" and tab.text("#error") == ""
+    assert tab.errors == [], tab.errors
