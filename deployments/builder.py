@@ -1,6 +1,6 @@
 """The app builder: `serve run deployments:app key=value ...` composes `conf/` and binds the topology.
 
-    client --HTTP--> Ingress --> SessionManager --+--> World      (one world, all egos)
+    client --HTTP--> Ingress --> SessionManager --+--> World      (one world for all egos, or one each)
                                  (runners,        +--> Denoiser   (the model, every queue)
                                   publishers)
 
@@ -61,6 +61,8 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"serve.{key}={value}: must be a number >= 0")
     if s.denoiser.num_gpus > 0 and str(cfg.device) == "cpu":
         raise ConfigError(f"serve.denoiser.num_gpus={s.denoiser.num_gpus} needs a GPU device: set device=cuda")
+    if not isinstance(s.world.shared, bool):
+        raise ConfigError(f"serve.world.shared={s.world.shared}: must be true (one world for all sessions) or false (one each)")
     if s.record_dir is not None and not isinstance(s.record_dir, str):
         raise ConfigError(f"serve.record_dir={s.record_dir}: must be a folder path or null")
     p = cfg.pipeline

@@ -1,0 +1,66 @@
+"""The World actor's two modes (`serve.world.shared`): one world for every session's ego, or
+a world of its own per session. The actor's class runs here in-process (its methods are plain
+Python; Serve only calls them), on the embedded world.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from deployments.world import WorldActor
+from dwm.config import ConfigError, compose
+from dwm.world.base import UnknownEgoError, VehicleControl
+
+import deployments
+
+
+def actor(shared: bool) -> WorldActor:
+    cfg = compose({"world.vehicles": "8", "serve.world.shared": str(shared).lower()})
+    return WorldActor.func_or_class(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_shared_world_holds_every_session_and_they_see_each_other():
+    world = actor(shared=True)
+    a, b = world.add_ego(), world.add_ego()
+    assert world.worlds() == 1 and sorted(world.egos()) == sorted([a, b])
+    obs = world.observe_many([a, b])
+    # Two egos in one world start at different places.
+    assert not np.allclose(obs[a].ego_pose, obs[b].ego_pose)
+    world.remove_ego(a)
+    assert world.egos() == [b] and world.worlds() == 1
+
+
+def test_a_world_per_session_gives_each_driver_the_same_scenario_alone():
+    world = actor(shared=False)
+    a, b = world.add_ego(), world.add_ego()
+    assert a != b and world.worlds() == 2 and sorted(world.egos()) == sorted([a, b])
+    start = world.observe_many([a, b])
+    # Same config and seed: both drivers start at the same place in the same traffic.
+    np.testing.assert_allclose(start[a].ego_pose, start[b].ego_pose)
+    np.testing.assert_allclose(start[a].boxes.centers, start[b].boxes.centers)
+
+    # Driving one changes nothing in the other's world: b coasts as a lone ego would.
+    lone = actor(shared=False)
+    c = lone.add_ego()
+    world.apply_control(a, VehicleControl(throttle=1.0, steer=-0.5))
+    for _ in range(20):
+        world.tick()
+        lone.tick()
+    after = world.observe_many([a, b])
+    alone = lone.observe_many([c])[c]
+    np.testing.assert_allclose(after[b].ego_pose, alone.ego_pose)
+    np.testing.assert_allclose(after[b].boxes.centers, alone.boxes.centers)
+    assert not np.allclose(after[a].ego_pose, after[b].ego_pose)
+
+    # Ending a session ends its world; the other keeps its own.
+    world.remove_ego(a)
+    assert world.worlds() == 1 and world.egos() == [b]
+    with pytest.raises(UnknownEgoError, match=f"unknown ego '{a}'"):
+        world.observe_many([a])
+
+
+def test_world_mode_must_be_a_bool():
+    with pytest.raises(ConfigError, match="serve.world.shared"):
+        deployments.app({"serve.world.shared": "sometimes"})
