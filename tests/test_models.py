@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from dwm.models.base import TextEmbedding
 from dwm.models.text import HashTextEncoder
-from dwm.models.tiny import TinyDenoiser
+from dwm.models.ctsd import CrossviewTemporalDiT as TinyDenoiser
 from dwm.models.vae import TinySD3Vae
 
 REPO = Path(__file__).resolve().parents[1]

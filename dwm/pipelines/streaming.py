@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from dwm.conditions.frame import ConditionFrame
 from dwm.config import ConfigError, instantiate
 from dwm.models.base import Denoiser, FrameContext, LatentDecoder, TextEmbedding, TextEncoder
+from dwm.models.checkpoint import build_denoiser
 from dwm.pipelines.fifo import BandedFifoQueue, LeavingFrame, ProgressCallback, Shift
 from dwm.pipelines.guidance import GuidedStep, UnconditionalContexts
 
@@ -117,7 +118,7 @@ class StreamingPipeline:
         """The model components of `cfg.model` on `cfg.device`; several pipelines (driving
         sessions) can share them, each keeping its own queue."""
         device, dtype = torch.device(cfg.device), _dtype(cfg.model.dtype)
-        denoiser = instantiate(cfg, "model.denoiser").to(device=device, dtype=dtype).eval()
+        denoiser = build_denoiser(cfg, device, dtype)
         return ModelParts(denoiser, instantiate(cfg, "model.text_encoder"), instantiate(cfg, "model.vae").to(device))
 
     @classmethod

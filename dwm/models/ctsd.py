@@ -1,11 +1,18 @@
-"""The embedded default denoiser: CTSD 3.5 XS's architecture at a tiny size, random weights.
+"""CTSD 3.5 XS: the cross-view temporal SD3 MMDiT of the released model, at any size.
 
-The structure follows the released model (an SD3 MMDiT with per-image timesteps, a layout
-image adapter, a camera embedding, temporal and row-wise cross-view attention blocks mixed in
-with learned sigmoid factors), built from diffusers' SD3 pieces, so every path the real model
-takes is exercised here: the pipeline, the queue and the serving layer cannot tell them apart
-except by speed and picture quality. Module names follow the released model's where they have
-a counterpart (`pos_embed`, `time_text_embed`, `context_embedder`, `transformer_blocks`, ...).
+`model=ctsd_35_xs` builds it at the released size (12 layers, width 1280, about 2.1 B
+parameters) and loads the released checkpoint, whose keys are this module tree's names
+exactly; `model=tiny`, the embedded default, is the same code at a tiny size with seeded
+random weights, so the pipeline, the queue and the serving layer cannot tell them apart
+except by speed and picture quality.
+
+The structure (built from diffusers' SD3 pieces): an SD3.5 MMDiT (joint image/text attention,
+a second image self-attention in the dual-attention layers, RMS q/k norms, adaLN-zero with a
+timestep per image, so per frame and view); a layout image adapter whose features are added
+to the image tokens before the first blocks; a camera embedding of the 11 camera scalars;
+after every block a temporal attention block (each spatial token across the window's frames)
+and after the odd blocks a row-wise cross-view attention block (each token row across the
+views), both mixed in with learned sigmoid factors.
 
 Shapes, for one forward: latents (N, T, V, C, h, w) are flattened to B = N*T*V images; each
 image is S = (h/p)*(w/p) tokens of width D; prompts are L tokens.
@@ -29,7 +36,7 @@ from torch import nn
 from dwm.conditions.frame import CAMERA_PARAM_NAMES
 from dwm.models.base import Denoiser, FrameContext, TextEmbedding
 
-# Keys of a FrameContext built by `TinyDenoiser.frame_context`, with their per-frame shapes.
+# Keys of a FrameContext built by `CrossviewTemporalDiT.frame_context`, with their per-frame shapes.
 CONTEXT_KEYS = (
     "layout_features",  # (V, K, S, D): the adapter's residual for each of the first K blocks
     "prompt_tokens",  # (V, L, D): prompt tokens after `context_embedder`
@@ -54,50 +61,76 @@ class AdapterResnetBlock(nn.Module):
         return x + self.block2(self.act(self.block1(x)))
 
 
-class LayoutAdapter(nn.Module):
+class AdapterBlock(nn.Module):
+    """One stage of the layout adapter: (the first stage only) average pool by the patch size
+    and a 1x1 conv to the model width, then residual blocks."""
+
+    def __init__(self, width: int, num_res_blocks: int, in_channels: int | None = None, pool: int = 1):
+        super().__init__()
+        if in_channels is not None:
+            # ceil_mode: an odd latent size still gives ceil(h/p) x ceil(w/p) tokens.
+            self.downsample = nn.AvgPool2d(pool, ceil_mode=True)
+            self.in_conv = nn.Conv2d(in_channels, width, 1)
+        self.resnets = nn.Sequential(*(AdapterResnetBlock(width) for _ in range(num_res_blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "in_conv"):
+            x = self.in_conv(self.downsample(x))
+        return self.resnets(x)
+
+
+class ImageAdapter(nn.Module):
     """Layout images -> one feature map per early transformer block (T2I-Adapter style).
 
-    (B, 6, H, W) -> PixelUnshuffle(8) -> (B, 384, H/8, W/8) -> average pool by the patch size
-    -> 1x1 conv to D -> K stages of residual blocks; stage k's output goes through a 1x1
-    output conv and is added to the image tokens before transformer block k.
+    (B, 6, H, W) -> PixelUnshuffle(8) -> (B, 384, H/8, W/8) -> stage 0: average pool by the
+    patch size, 1x1 conv to D, residual blocks -> stages 1..K-1: residual blocks; stage k's
+    output goes through a 1x1 conv (`zero_convs[k]`) and is added to the image tokens before
+    transformer block k.
 
-    The released model zero-initialises the output convs, so that its training starts from a
-    model the layout does not disturb, and then learns them. The tiny model is never trained:
-    zero output convs would stay zero and the layout would have no effect on anything it
-    makes. So they keep PyTorch's default initialisation, and a different layout gives a
-    different velocity, most of all in the image regions where the layouts differ.
+    zero_init: the released model zero-initialises the `zero_convs`, so that its training
+    started from a model the layout does not disturb, and then learned them (its checkpoint
+    holds the learned ones). A model with random weights is never trained: zero convs would
+    stay zero and the layout would have no effect on anything it makes, so the embedded
+    default keeps PyTorch's default initialisation (`zero_init=False`) and a different layout
+    gives a different velocity, most of all where the layouts differ.
     """
 
-    def __init__(self, width: int, num_stages: int, patch_size: int, num_res_blocks: int = 2):
+    def __init__(self, width: int, num_stages: int, patch_size: int, num_res_blocks: int = 2, zero_init: bool = False):
         super().__init__()
         unshuffled = LAYOUT_CHANNELS * VAE_DOWNSCALE**2
+        self.width = width
         self.unshuffle = nn.PixelUnshuffle(VAE_DOWNSCALE)
-        self.pool = nn.AvgPool2d(patch_size)
-        self.conv_in = nn.Conv2d(unshuffled, width, 1)
-        self.stages = nn.ModuleList(
-            nn.Sequential(*(AdapterResnetBlock(width) for _ in range(num_res_blocks)))
-            for _ in range(num_stages)
+        self.body = nn.ModuleList(
+            AdapterBlock(width, num_res_blocks, unshuffled if k == 0 else None, patch_size) for k in range(num_stages)
         )
-        self.output_convs = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(num_stages))
+        self.zero_convs = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(num_stages))
+        if zero_init:
+            for conv in self.zero_convs:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+        self.patch_size = patch_size
 
     def forward(self, layout: torch.Tensor) -> torch.Tensor:
         """layout (B, 6, H, W) in [0, 1] -> features (B, K, S, D), S = (H/8/p) * (W/8/p)."""
-        x = self.conv_in(self.pool(self.unshuffle(layout)))
-        if not self.stages:
-            return x.new_zeros(x.shape[0], 0, x.shape[2] * x.shape[3], x.shape[1])
+        x = self.unshuffle(layout)
+        if not self.body:
+            p = self.patch_size
+            tokens = -(-x.shape[2] // p) * -(-x.shape[3] // p)
+            return x.new_zeros(x.shape[0], 0, tokens, self.width)
         features = []
-        for stage, output_conv in zip(self.stages, self.output_convs):
+        for stage, zero_conv in zip(self.body, self.zero_convs):
             x = stage(x)
-            features.append(output_conv(x).flatten(2).transpose(1, 2))  # (B, S, D)
+            features.append(zero_conv(x).flatten(2).transpose(1, 2))  # (B, S, D)
         return torch.stack(features, dim=1)
 
 
-class AxialAttentionBlock(nn.Module):
+class VTSelfAttentionBlock(nn.Module):
     """Self-attention along one axis of the window (frames, or views of a token row).
 
     The released model's temporal / cross-view block: x += FF_in(LN x); x += Attn(LN x);
     x += FF(LN x), GEGLU feed-forwards, q/k RMS-normalised, q/k/v without bias.
-    (B', n, D) -> (B', n, D), where n runs over the attended axis.
+    (B', n, D) -> (B', n, D), where n runs over the attended axis; attention_mask: optional
+    additive (B', n, n) float mask (0 where attention is allowed, -inf where not).
     """
 
     def __init__(self, width: int, heads: int, head_dim: int, ff_mult: int, qk_norm: str | None):
@@ -108,21 +141,24 @@ class AxialAttentionBlock(nn.Module):
         self.attn1 = Attention(
             query_dim=width, heads=heads, dim_head=head_dim, bias=False, qk_norm=qk_norm, eps=1e-6
         )
-        self.norm2 = nn.LayerNorm(width)
+        self.norm3 = nn.LayerNorm(width)
         self.ff = FeedForward(width, dim_out=width, mult=ff_mult, activation_fn="geglu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ff_in(self.norm_in(x))
-        x = x + self.attn1(self.norm1(x))
-        return x + self.ff(self.norm2(x))
+        x = x + self.attn1(self.norm1(x), attention_mask=attention_mask)
+        return x + self.ff(self.norm3(x))
 
 
-class TinyDenoiser(Denoiser):
-    """A cross-view temporal MMDiT (the CTSD 3.5 XS structure) at a tiny size.
+class CrossviewTemporalDiT(Denoiser):
+    """The cross-view temporal MMDiT of CTSD 3.5 XS, at the size its arguments give.
 
-    Constructor arguments are the config keys (conf/model/tiny.yaml). `seed` fixes every
-    random weight: the same seed builds identical weights. `joint_attention_dim` and
-    `pooled_projection_dim` must match the text encoder's token and pooled widths.
+    Constructor arguments are the config keys (conf/model/tiny.yaml, ctsd_35_xs.yaml). `seed`
+    fixes every random weight: the same seed builds identical weights. `joint_attention_dim`
+    and `pooled_projection_dim` must match the text encoder's token and pooled widths.
+    crossview_attention_mask: optional V x V (1: view i attends to view j), e.g. the training
+    rig's [[1,1,0],[1,1,1],[0,1,1]]; None: every view attends to every view (the reference's
+    streaming). zero_init_adapter: see `ImageAdapter`.
     """
 
     def __init__(
@@ -145,6 +181,9 @@ class TinyDenoiser(Denoiser):
         crossview_layers: list[int] | None = None,
         axial_ff_mult: int = 2,
         merge_factor: float = 2.0,
+        adapter_res_blocks: int = 2,
+        zero_init_adapter: bool = False,
+        crossview_attention_mask: list[list[int]] | None = None,
     ):
         super().__init__()
         every_layer = list(range(num_layers))
@@ -167,6 +206,7 @@ class TinyDenoiser(Denoiser):
                 f"adapter_layers={adapter_layers}: must be in [0, num_layers={num_layers}]"
             )
 
+        self.crossview_attention_mask = _parse_view_mask(crossview_attention_mask)
         self.latent_channels = latent_channels
         self.patch_size = patch_size
         self.adapter_layers = adapter_layers
@@ -175,8 +215,8 @@ class TinyDenoiser(Denoiser):
         width = num_attention_heads * attention_head_dim
         self.width = width
 
-        def axial_block() -> AxialAttentionBlock:
-            return AxialAttentionBlock(
+        def axial_block() -> VTSelfAttentionBlock:
+            return VTSelfAttentionBlock(
                 width, num_attention_heads, attention_head_dim, axial_ff_mult, qk_norm
             )
 
@@ -215,7 +255,9 @@ class TinyDenoiser(Denoiser):
             )
             self.proj_out = nn.Linear(width, patch_size * patch_size * latent_channels)
 
-            self.condition_image_adapter = LayoutAdapter(width, adapter_layers, patch_size)
+            self.condition_image_adapter = ImageAdapter(
+                width, adapter_layers, patch_size, adapter_res_blocks, zero_init_adapter
+            )
             # Each camera scalar -> sinusoid of `camera_frequencies` channels -> MLP to D.
             self.view_cam_proj = Timesteps(
                 camera_frequencies, flip_sin_to_cos=True, downscale_freq_shift=0
@@ -330,6 +372,8 @@ class TinyDenoiser(Denoiser):
         frame_index = self.index_proj(torch.arange(t, device=hidden.device)).to(hidden.dtype)
         view_index = self.index_proj(torch.arange(v, device=hidden.device)).to(hidden.dtype)
 
+        view_mask = self._view_mask(v, wp, hidden)  # (V*wp, V*wp) or None
+
         for i, block in enumerate(self.transformer_blocks):
             if i < self.adapter_layers:
                 hidden = hidden + ctx["layout_features"][:, i]
@@ -343,16 +387,27 @@ class TinyDenoiser(Denoiser):
                 k = self.crossview_layers.index(i)
                 emb = self.view_pos_embeds[k](view_index).view(1, 1, v, 1, -1) + camera
                 block_v = self.crossview_transformer_blocks[k]
-                mixed = self._crossview(block_v, hidden, emb, n * t, v, hp, wp)
+                mixed = self._crossview(block_v, hidden, emb, n * t, v, hp, wp, view_mask)
                 hidden = self.view_mixers[k](hidden, mixed)
 
         hidden = self.proj_out(self.norm_out(hidden, temb))  # (B, S, p*p*C)
         hidden = hidden.reshape(n, t, v, hp, wp, p, p, c)
         return torch.einsum("ntvhwpqc->ntvchpwq", hidden).reshape(n, t, v, c, h, w)
 
+    def _view_mask(self, v: int, wp: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The cross-view mask as an additive (V*wp, V*wp) float mask over a row's tokens."""
+        if self.crossview_attention_mask is None:
+            return None
+        allowed = self.crossview_attention_mask
+        if allowed.shape != (v, v):
+            raise ValueError(f"crossview_attention_mask is {tuple(allowed.shape)}, but the window has {v} views")
+        allowed = allowed.to(like.device).repeat_interleave(wp, 0).repeat_interleave(wp, 1)
+        mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+        return mask.masked_fill_(~allowed, float("-inf"))
+
     @staticmethod
     def _temporal(
-        block: AxialAttentionBlock, hidden: torch.Tensor, emb: torch.Tensor, n: int, t: int, v: int
+        block: VTSelfAttentionBlock, hidden: torch.Tensor, emb: torch.Tensor, n: int, t: int, v: int
     ) -> torch.Tensor:
         """Each spatial token attends across the window's T frames (no causal mask).
 
@@ -366,22 +421,25 @@ class TinyDenoiser(Denoiser):
 
     @staticmethod
     def _crossview(
-        block: AxialAttentionBlock,
+        block: VTSelfAttentionBlock,
         hidden: torch.Tensor,
         emb: torch.Tensor,
         nt: int,
         v: int,
         hp: int,
         wp: int,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Row-wise cross-view attention: each token row attends to the same row in all views.
+        """Row-wise cross-view attention: each token row attends to the same row in all views
+        (those `mask` allows).
 
-        hidden (N*T*V, hp*wp, D); emb (N, T, V, 1, D): view index + camera embedding.
+        hidden (N*T*V, hp*wp, D); emb (N, T, V, 1, D): view index + camera embedding;
+        mask: additive (V*wp, V*wp) or None.
         """
         d = hidden.shape[-1]
         x = hidden.reshape(nt, v, hp * wp, d) + emb.reshape(nt, v, 1, d)
         x = x.view(nt, v, hp, wp, d).permute(0, 2, 1, 3, 4).reshape(nt * hp, v * wp, d)
-        x = block(x)
+        x = block(x, None if mask is None else mask.expand(nt * hp, -1, -1))
         return x.view(nt, hp, v, wp, d).permute(0, 2, 1, 3, 4).reshape(nt * v, hp * wp, d)
 
     def _check_inputs(
@@ -421,3 +479,16 @@ class TinyDenoiser(Denoiser):
                 f"latent size ({VAE_DOWNSCALE * h}x{VAE_DOWNSCALE * w})"
             )
         return n, t, v, c, h, w
+
+
+def _parse_view_mask(mask: list[list[int]] | None) -> torch.Tensor | None:
+    """A V x V list of 0/1 -> bool tensor; each view must at least attend to itself."""
+    if mask is None:
+        return None
+    allowed = torch.tensor(mask)
+    if allowed.ndim != 2 or allowed.shape[0] != allowed.shape[1] or not bool(((allowed == 0) | (allowed == 1)).all()):
+        raise ValueError(f"crossview_attention_mask={mask}: must be a V x V list of 0 and 1")
+    allowed = allowed.bool()
+    if not bool(allowed.diagonal().all()):
+        raise ValueError(f"crossview_attention_mask={mask}: every view must attend to itself (1 on the diagonal)")
+    return allowed
