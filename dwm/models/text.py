@@ -1,16 +1,18 @@
-"""The embedded default text encoder: a small deterministic stand-in for SD3's CLIP/T5 stack.
+"""Text encoders with a caption cache, and the embedded default: a small deterministic
+stand-in for SD3's CLIP/T5 stack.
 
-Real SD3 text encoding is a few hundred MB of weights and tens of milliseconds per prompt;
-the embedded default needs neither downloads nor a GPU, only embeddings that are stable
-(the same caption gives the same tensors in every process and on every run), that differ
-between captions, and that have the shapes the denoiser's text path expects.
+Real SD3 text encoding (`dwm.models.sd3_text`) is gigabytes of weights and tens of
+milliseconds per prompt; the embedded default needs neither downloads nor a GPU, only
+embeddings that are stable (the same caption gives the same tensors in every process and on
+every run), that differ between captions, and that have the shapes the denoiser's text path
+expects.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,59 @@ class CacheStats:
     capacity: int
 
 
-class HashTextEncoder(TextEncoder):
+class CachedTextEncoder(TextEncoder):
+    """A text encoder with an LRU cache of `cache_size` captions (0: no cache).
+
+    The captions of a drive repeat, so most frames cost a lookup. Subclasses implement
+    `_encode_batch` for the captions not in the cache (each distinct one encoded once).
+    """
+
+    def __init__(self, cache_size: int = 256):
+        if cache_size < 0:
+            raise ValueError(
+                f"cache_size={cache_size}: must be 0 (no cache) or a positive number of captions"
+            )
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._capacity = cache_size
+        self._hits = self._misses = 0
+
+    def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """M distinct captions -> tokens (M, L, D), pooled (M, D_pooled)."""
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        """P captions -> tokens (P, L, D), pooled (P, D_pooled)."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of strings, got {prompts!r}")
+        if not prompts:
+            raise ValueError("prompts is empty: encode needs at least one caption")
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                found[prompt] = self._cache[prompt]
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        self._hits += len(prompts) - len(missing)
+        self._misses += len(missing)
+        if missing:
+            tokens, pooled = self._encode_batch(missing)
+            for i, prompt in enumerate(missing):
+                found[prompt] = (tokens[i], pooled[i])
+                if self._capacity:
+                    self._cache[prompt] = found[prompt]
+                    if len(self._cache) > self._capacity:
+                        self._cache.popitem(last=False)
+        # torch.stack copies, so callers never alias (or mutate) the cached tensors.
+        return TextEmbedding(
+            tokens=torch.stack([found[p][0] for p in prompts]),
+            pooled=torch.stack([found[p][1] for p in prompts]),
+        )
+
+    def cache_stats(self) -> CacheStats:
+        return CacheStats(self._hits, self._misses, size=len(self._cache), capacity=self._capacity)
+
+
+class HashTextEncoder(CachedTextEncoder):
     """Words -> rows of a seeded random table, chosen by a stable hash of the word.
 
     tokens (P, max_length, token_dim): word embedding plus a position embedding, the caption's
@@ -60,10 +114,7 @@ class HashTextEncoder(TextEncoder):
         for key, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{key}={value}: must be a positive integer")
-        if cache_size < 0:
-            raise ValueError(
-                f"cache_size={cache_size}: must be 0 (no cache) or a positive number of captions"
-            )
+        super().__init__(cache_size)
         self.max_length = max_length
         self.token_dim = token_dim
         self.pooled_dim = pooled_dim
@@ -72,24 +123,11 @@ class HashTextEncoder(TextEncoder):
         self._words = torch.randn(vocab_size + 1, token_dim, generator=generator)
         self._positions = 0.1 * torch.randn(max_length, token_dim, generator=generator)
         self._pool = torch.randn(token_dim, pooled_dim, generator=generator) / token_dim**0.5
-        self._encode_cached = functools.lru_cache(maxsize=cache_size)(self._encode_one)
 
-    def encode(self, prompts: list[str]) -> TextEmbedding:
-        """P captions -> tokens (P, max_length, token_dim), pooled (P, pooled_dim), float32."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of strings, got {prompts!r}")
-        if not prompts:
-            raise ValueError("prompts is empty: encode needs at least one caption")
-        # torch.stack copies, so callers never alias (or mutate) the cached tensors.
-        encoded = [self._encode_cached(p) for p in prompts]
-        return TextEmbedding(
-            tokens=torch.stack([tokens for tokens, _ in encoded]),
-            pooled=torch.stack([pooled for _, pooled in encoded]),
-        )
-
-    def cache_stats(self) -> CacheStats:
-        info = self._encode_cached.cache_info()
-        return CacheStats(info.hits, info.misses, size=info.currsize, capacity=info.maxsize)
+    def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (M, max_length, token_dim), pooled (M, pooled_dim), float32."""
+        encoded = [self._encode_one(p) for p in prompts]
+        return torch.stack([t for t, _ in encoded]), torch.stack([p for _, p in encoded])
 
     def _word_row(self, word: str) -> int:
         # hashlib, not hash(): Python salts str hashes per process.

@@ -1,15 +1,20 @@
-"""The embedded default latent decoder: the SD3 VAE's architecture at a tiny width.
+"""Latent decoders of the SD3 latent space (16 channels, /8, scaling 1.5305, shift 0.0609).
 
-The full-width SD3 VAE (block_out_channels 128/256/512/512) takes about 8 s per 3-view frame
-on a 2-core CPU; the same architecture at a tiny width decodes the same latent space layout
-(16 channels, /8, SD3 scaling and shift) fast enough for the embedded default.
+`TinySD3Vae`, the embedded default: the SD3 VAE's architecture at a tiny width with seeded
+random weights (the full-width VAE, block_out_channels 128/256/512/512, takes about 8 s per
+3-view frame on a 2-core CPU). `SD35Vae`: the SD3.5 VAE from a local SD3.5 folder, or
+diffusers' `AutoencoderTiny` (TAESD3) from a local folder for faster decoding.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
+
+from dwm.config import ConfigError
 
 from dwm.models.base import LatentDecoder
 
@@ -19,12 +24,30 @@ SD3_SCALING_FACTOR = 1.5305
 SD3_SHIFT_FACTOR = 0.0609
 
 
-class TinySD3Vae(nn.Module, LatentDecoder):
-    """diffusers AutoencoderKL with SD3's layout (4 down / 4 up blocks of 2 layers, 16 latent
-    channels, no quant convs) at the width `block_out_channels`, with seeded random weights.
+class SD3LatentDecoder(nn.Module, LatentDecoder):
+    """A diffusers VAE (`self.vae`) decoding the SD3 latent space with its own config's scaling
+    and shift. An nn.Module, so `.to(device)` moves it like the denoiser."""
 
-    An nn.Module, so `.to(device)` moves it like the denoiser.
-    """
+    vae: nn.Module
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (V, 16, h, w) in the denoiser's space -> images (V, 3, 8h, 8w), float32 in
+        [0, 1], on the VAE's device."""
+        if latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
+            raise ValueError(
+                f"latents has shape {tuple(latents.shape)}; expected (V, {LATENT_CHANNELS}, h, w)"
+            )
+        param = next(self.vae.parameters())
+        config = self.vae.config
+        with torch.inference_mode():
+            z = latents.to(param.device, param.dtype) / config.scaling_factor + config.shift_factor
+            images = self.vae.decode(z).sample  # (V, 3, 8h, 8w) in about [-1, 1]
+            return ((images.float() + 1) / 2).clamp_(0, 1)
+
+
+class TinySD3Vae(SD3LatentDecoder):
+    """diffusers AutoencoderKL with SD3's layout (4 down / 4 up blocks of 2 layers, 16 latent
+    channels, no quant convs) at the width `block_out_channels`, with seeded random weights."""
 
     def __init__(
         self,
@@ -62,16 +85,26 @@ class TinySD3Vae(nn.Module, LatentDecoder):
             )
         self.vae.eval()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (V, 16, h, w) in the denoiser's space -> images (V, 3, 8h, 8w), float32 in
-        [0, 1], on the VAE's device."""
-        if latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
-            raise ValueError(
-                f"latents has shape {tuple(latents.shape)}; expected (V, {LATENT_CHANNELS}, h, w)"
+
+class SD35Vae(SD3LatentDecoder):
+    """The SD3.5 VAE from `sd35_dir`/vae (kept in float32, as the reference does), or, when
+    `tiny_dir` is set, diffusers' AutoencoderTiny (TAESD3) from that folder. Local files only."""
+
+    def __init__(self, sd35_dir: str | None = None, tiny_dir: str | None = None):
+        super().__init__()
+        if tiny_dir:
+            folder = Path(tiny_dir).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"model.vae.tiny_dir={tiny_dir}: no AutoencoderTiny folder (config.json) there")
+            self.vae = AutoencoderTiny.from_pretrained(folder, local_files_only=True)
+        else:
+            from dwm.models.sd3_text import sd35_folder
+
+            folder = sd35_folder(sd35_dir, "model.sd35_dir", ("vae",))
+            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        if self.vae.config.latent_channels != LATENT_CHANNELS:
+            raise ConfigError(
+                f"the VAE in {folder} has {self.vae.config.latent_channels} latent channels; "
+                f"the model's latent space has {LATENT_CHANNELS} (an SD3 VAE)"
             )
-        param = next(self.vae.parameters())
-        config = self.vae.config
-        with torch.inference_mode():
-            z = latents.to(param.device, param.dtype) / config.scaling_factor + config.shift_factor
-            images = self.vae.decode(z).sample  # (V, 3, 8h, 8w) in about [-1, 1]
-            return ((images.float() + 1) / 2).clamp_(0, 1)
+        self.vae.eval().requires_grad_(False)
