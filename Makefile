@@ -37,6 +37,7 @@ bench: setup
 	$(PY) -m bench.bench_conditions
 	$(PY) -m bench.bench_loop
 	$(PY) -m bench.bench_serve
+	$(PY) -m bench.bench_model
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,6 +18,7 @@ from deployments.sessions import SessionManager
 from deployments.world import WorldActor
 from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, instantiate
+from dwm.models.checkpoint import check_weights
 from dwm.pipelines.fifo import BandedFifoQueue
 
 CLOCKS = ("lockstep", "realtime")
@@ -74,4 +75,5 @@ def check(cfg: DictConfig) -> None:
         ConditionBuilder.from_config(cfg)
     except ValueError as err:
         raise ConfigError(f"rig / pipeline.resolution / pipeline.fps: {err}") from None
+    check_weights(cfg)  # model.checkpoint, model.sd35_dir: set and there
     instantiate(cfg, "world").close()  # ConfigError naming `world` and what it allows

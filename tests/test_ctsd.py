@@ -223,3 +223,16 @@ def test_each_frames_timestep_reaches_its_own_modulation():
         handle.remove()
     delta = (seen[1] - seen[0]).abs().amax(dim=-1).view(T, V)
     assert delta[1].min() > 1e-3 and delta[0].max() == 0 and delta[2].max() == 0
+
+
+def test_the_serve_app_refuses_to_start_the_real_model_without_its_files(tmp_path):
+    import deployments
+
+    with pytest.raises(ConfigError, match=r"model\.checkpoint is not set"):
+        deployments.app({"model": "ctsd_35_xs"})
+    ckpt = tmp_path / "ctsd.pth"
+    ckpt.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model\.sd35_dir is not set"):
+        deployments.app({"model": "ctsd_35_xs", "model.checkpoint": str(ckpt)})
+    with pytest.raises(ConfigError, match=r"model\.checkpoint=.*no such file"):
+        deployments.app({"model.checkpoint": str(tmp_path / "gone.pth")})

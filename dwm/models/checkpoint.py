@@ -123,6 +123,28 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
         torch.save(state, path)
 
 
+def check_weights(cfg: DictConfig) -> None:
+    """Fail early, naming the key, when the files `cfg.model` needs are not set or not there
+    (the checkpoint, and the SD3.5 folder where the model reads one); reads nothing."""
+    m = cfg.model
+    if OmegaConf.select(m, "checkpoint"):
+        require_file(cfg, "model.checkpoint")
+    elif not OmegaConf.select(m, "random_weights", default=False):
+        raise ConfigError(_NO_CHECKPOINT.format(name=m.name))
+    if "sd35_dir" in m:
+        from dwm.models.sd3_text import PARTS, sd35_folder
+
+        vae = () if OmegaConf.select(m, "vae.tiny_dir") else ("vae",)
+        sd35_folder(m.sd35_dir, "model.sd35_dir", PARTS + vae)
+
+
+_NO_CHECKPOINT = (
+    "model.checkpoint is not set: model={name} needs its weights, e.g. "
+    "model.checkpoint=/path/ctsd_35_xs_df6v3_tirda_bm_nwao_60k.pth (.pth or .safetensors); "
+    "model.random_weights=true runs it with random weights instead (benchmarks only)"
+)
+
+
 def build_denoiser(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The denoiser of `cfg.model` on `device` in `dtype`, in eval mode.
 
@@ -149,11 +171,7 @@ def build_denoiser(cfg: DictConfig, device: torch.device, dtype: torch.dtype) ->
             denoiser = instantiate(cfg, "model.denoiser")
         denoiser = denoiser.to(device=device, dtype=dtype)
     else:
-        raise ConfigError(
-            f"model.checkpoint is not set: model={m.name} needs its weights, e.g. "
-            "model.checkpoint=/path/ctsd_35_xs_df6v3_tirda_bm_nwao_60k.pth (.pth or .safetensors); "
-            "model.random_weights=true runs it with random weights instead (benchmarks only)"
-        )
+        raise ConfigError(_NO_CHECKPOINT.format(name=m.name))
     denoiser.eval().requires_grad_(False)
     if OmegaConf.select(m, "compile", default=False):
         denoiser.forward = torch.compile(denoiser.forward, dynamic=False)
