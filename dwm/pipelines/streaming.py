@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -66,12 +66,19 @@ def _dtype(name: str) -> torch.dtype:
     return allowed[name]
 
 
+def model_dtype(cfg: DictConfig) -> torch.dtype:
+    """The torch dtype `cfg.model.dtype` names."""
+    return _dtype(cfg.model.dtype)
+
+
 class StreamingPipeline:
     """The denoising queue of one session with the model around it.
 
     steps, window, bands: the queue (N, T, B); guidance: CFG scale (1.0 turns it off);
     resolution: (H, W) of condition images and decoded views; text_interval: frames between
-    caption encodings; seed: the queue's noise; device, dtype: of the denoiser.
+    caption encodings; seed: the queue's noise; device, dtype: of the denoiser. batch_bands:
+    the B windows of a shift in one model call (true), or one call per band (false: the
+    calls a pipeline with one band per GPU makes, and bit for bit its frames).
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class StreamingPipeline:
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        batch_bands: bool = True,
     ):
         height, width = (int(n) for n in resolution)
         if height % LATENT_SCALE or width % LATENT_SCALE:
@@ -107,6 +115,7 @@ class StreamingPipeline:
             steps, window, bands, frame_shape, shift=shift, train_steps=train_steps,
             seed=seed, dtype=dtype, device=self.device,
         )
+        self.batch_bands = bool(batch_bands)
         self.step = GuidedStep(denoiser, guidance)
         self.unconditional = UnconditionalContexts(denoiser, text_encoder) if self.step.guided else None
         self._text: TextEmbedding | None = None
@@ -139,6 +148,7 @@ class StreamingPipeline:
                 guidance=p.guidance, shift=p.shift, train_steps=p.train_steps,
                 resolution=tuple(p.resolution), text_interval=p.text_interval,
                 seed=cfg.seed if seed is None else seed, device=device, dtype=dtype,
+                batch_bands=p.batch_bands,
             )
         except ValueError as err:
             raise ConfigError(f"pipeline: {err}") from None
@@ -207,14 +217,7 @@ def push_many(
         raise ValueError("push_many takes at most one frame per queue")
     shifts = [pipeline._begin(frame) for pipeline, frame in pushes]
     running = [(p, s) for p, s in zip(pipelines, shifts) if s is not None]
-    total = max((s.steps for _, s in running), default=0)
-    contexts: dict[tuple[int, ...], FrameContext] = {}  # concatenated contexts, per batch
-    for done in range(total):
-        active = [(p, s) for p, s in running if s.done < s.steps]
-        for group in _batches(active, lambda ps: (id(ps[0].denoiser), ps[1].latents.shape[1:], ps[1].latents.dtype)):
-            _step_together(group, contexts)
-        if on_step is not None:
-            on_step(done + 1, total)
+    run_shifts(running, on_step)
 
     leaving: dict[int, LeavingFrame] = {}
     for p, s in running:
@@ -228,6 +231,36 @@ def push_many(
         images = pipeline.decoder.decode(frame.latent.float()).float().cpu()  # (V, 3, H, W)
         out.append([pipeline._generated(images, frame.payload.frame)])
     return out
+
+
+class ShiftOwner(Protocol):
+    """What `run_shifts` needs of a shift's owner: its model and guidance, and whether the
+    bands of its shift may share one model call (`batch_bands`)."""
+
+    denoiser: Denoiser
+    step: GuidedStep
+    batch_bands: bool
+
+
+def run_shifts(items: Sequence[tuple[ShiftOwner, Shift]], on_step: ProgressCallback | None = None) -> None:
+    """Run every shift to its last step, one denoiser call per step for all the shifts whose
+    owners share a denoiser, a latent frame shape and dtype, and batch their bands (the others
+    make one call per band: the calls a pipeline of one band per GPU makes).
+    on_step(done, total): after each round of calls."""
+    total = max((s.steps for _, s in items), default=0)
+    contexts: dict[tuple[int, ...], FrameContext] = {}  # concatenated contexts, per batch
+    for done in range(total):
+        active = [(p, s) for p, s in items if s.done < s.steps]
+        for group in _batches(active, _batch_key):
+            _step_together(group, contexts)
+        if on_step is not None:
+            on_step(done + 1, total)
+
+
+def _batch_key(item: tuple[ShiftOwner, Shift]) -> tuple:
+    owner, shift = item
+    alone = None if owner.batch_bands else id(owner)  # per-band calls never join a batch
+    return id(owner.denoiser), shift.latents.shape[1:], shift.latents.dtype, alone
 
 
 def _batches(items: list, key) -> list[list]:
@@ -246,7 +279,9 @@ def _step_together(group: list[tuple[StreamingPipeline, Shift]], contexts: dict)
     set of queues: they do not change during a push), and the output is split back."""
     inputs = [p.step.inputs(s.latents, s.timesteps[s.done], s.grid) for p, s in group]
     denoiser = group[0][0].denoiser
-    if len(group) == 1:
+    if len(group) == 1 and not group[0][0].batch_bands:
+        outputs = [_per_band(denoiser, group[0][0].step.guided, *inputs[0])]
+    elif len(group) == 1:
         outputs = [denoiser(*inputs[0])]
     else:
         key = tuple(id(s) for _, s in group)
@@ -258,3 +293,13 @@ def _step_together(group: list[tuple[StreamingPipeline, Shift]], contexts: dict)
     for (p, s), output in zip(group, outputs):
         s.apply(p.step.combine(output))
 
+
+def _per_band(denoiser: Denoiser, guided: bool, x: torch.Tensor, t: torch.Tensor, context: FrameContext) -> torch.Tensor:
+    """One denoiser call per band of a shift's batch: x (2B or B, T, V, C, h, w) with the
+    unconditional rows first when guided, so band b is rows [b, B + b] (or [b])."""
+    bands = x.shape[0] // 2 if guided else x.shape[0]
+    out = torch.empty_like(x)
+    for b in range(bands):
+        rows = [b, bands + b] if guided else [b]
+        out[rows] = denoiser(x[rows], t[rows], {k: v[rows] for k, v in context.items()})
+    return out

@@ -1,0 +1,121 @@
+"""The banded queue split into stages (`dwm.pipelines.stages`), in one process.
+
+What a driver would notice: a pipeline whose bands live on different devices shows the same
+video as the queue in one piece. Here the B stages run one after another in this process;
+the Ray actors placed on GPUs run exactly these objects.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dwm.conditions.builder import ConditionBuilder
+from dwm.conditions.packed import PackedConditions
+from dwm.config import compose, instantiate
+from dwm.pipelines.stages import BandStage, Phase, QueueFront, frame_shape
+from dwm.pipelines.streaming import StreamingPipeline
+
+FRAMES = 14
+
+
+def scene(cfg, egos: int = 1) -> list[list[PackedConditions]]:
+    world = instantiate(cfg, "world")
+    builder = ConditionBuilder.from_config(cfg)
+    ids = [world.add_ego() for _ in range(egos)]
+    for ego in ids:
+        world.set_autopilot(ego, True)
+    out = [[] for _ in ids]
+    for _ in range(FRAMES):
+        for k, ego in enumerate(ids):
+            out[k].append(PackedConditions.pack(builder.build(world.observe(ego))))
+        world.tick()
+    world.close()
+    return out
+
+
+class StagedQueue:
+    """B stages and the fronts of their sessions, run round by round in this process."""
+
+    def __init__(self, cfg, model, batch_sessions: bool = True):
+        p = cfg.pipeline
+        self.cfg, self.bands = cfg, p.bands
+        self.stages = [
+            BandStage(model, b, steps=p.steps, window=p.window, bands=p.bands, guidance=p.guidance,
+                      shift=p.shift, train_steps=p.train_steps, resolution=p.resolution,
+                      batch_sessions=batch_sessions)
+            for b in range(p.bands)
+        ]
+        self.fronts: dict[str, QueueFront] = {}
+        self.pending: list[dict] = [{} for _ in range(p.bands)]  # frames handed on, per stage
+        self.latent_channels = model.denoiser.latent_channels
+
+    def open(self, session_id: str, seed: int) -> None:
+        p = self.cfg.pipeline
+        shape = frame_shape(3, self.latent_channels, p.resolution)
+        self.fronts[session_id] = QueueFront(p.steps, p.window, p.bands, shape, seed, torch.float32, p.text_interval)
+        for stage in self.stages:
+            stage.open(session_id)
+
+    def round(self, frames: dict[str, PackedConditions]) -> dict[str, torch.Tensor]:
+        entering = [dict(self.pending[b]) for b in range(self.bands)]
+        phases = {}
+        for session_id, conditions in frames.items():
+            entry = self.fronts[session_id].enter(conditions)
+            entering[entry.stage][session_id] = entry.frame
+            phases[session_id] = entry.phase
+        out = [stage.round(entering[b], phases) for b, stage in enumerate(self.stages)]
+        self.pending = [{}] + out[:-1]
+        return out[-1]
+
+
+@pytest.mark.parametrize("bands", [1, 2])
+def test_stages_give_the_frames_of_the_queue_in_one_piece_bit_for_bit(bands):
+    cfg = compose({"pipeline.steps": str(6 * bands), "pipeline.window": "3", "pipeline.bands": str(bands),
+                   "pipeline.batch_bands": "false", "world.vehicles": "8"})
+    (frames,) = scene(cfg)
+    model = StreamingPipeline.build_model(cfg)
+    whole = StreamingPipeline.from_config(cfg, views=3, model=model, seed=7)
+    expected = [out.images for f in frames for out in whole.push(f.unpack())]
+
+    staged = StagedQueue(cfg, model)
+    staged.open("s", seed=7)
+    got = [staged.round({"s": f}).get("s") for f in frames]
+    got = [g for g in got if g is not None]
+    assert len(got) == len(expected) == FRAMES - 3 * bands + 1
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_sessions_batched_on_stages_get_their_own_frames():
+    cfg = compose({"pipeline.steps": "12", "pipeline.window": "3", "pipeline.bands": "2",
+                   "pipeline.batch_bands": "false", "world.vehicles": "8"})
+    a_frames, b_frames = scene(cfg, egos=2)
+    model = StreamingPipeline.build_model(cfg)
+    alone = {}
+    for name, frames, seed in (("a", a_frames, 1), ("b", b_frames, 2)):
+        q = StreamingPipeline.from_config(cfg, views=3, model=model, seed=seed)
+        alone[name] = [o.images for f in frames for o in q.push(f.unpack())]
+    staged = StagedQueue(cfg, model, batch_sessions=True)
+    staged.open("a", seed=1)
+    got = {"a": [], "b": []}
+    for i, (fa, fb) in enumerate(zip(a_frames, b_frames)):
+        if i == 2:
+            staged.open("b", seed=2)  # joins while a gathers its queue
+        frames = {"a": fa} if i < 2 else {"a": fa, "b": b_frames[i - 2]}
+        for name, images in staged.round(frames).items():
+            got[name].append(images)
+    assert len(got["a"]) == len(alone["a"])
+    for a, b in zip(got["a"], alone["a"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    for a, b in zip(got["b"], alone["b"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert len(got["b"]) == len(alone["b"][: FRAMES - 2 - 5])
+
+
+def test_a_stage_refuses_a_session_it_does_not_hold():
+    cfg = compose({"pipeline.steps": "6", "pipeline.window": "3"})
+    model = StreamingPipeline.build_model(cfg)
+    stage = BandStage(model, 0, steps=6, window=3, bands=1)
+    with pytest.raises(KeyError, match="holds no queue for sessions \\['ghost'\\]"):
+        stage.round({}, {"ghost": Phase.RUN})
