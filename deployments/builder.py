@@ -22,6 +22,7 @@ from dwm.models.checkpoint import check_weights
 from dwm.pipelines.fifo import BandedFifoQueue
 
 CLOCKS = ("lockstep", "realtime")
+PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
 def app(args: dict[str, str] | None = None) -> Application:
@@ -64,6 +65,14 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"serve.denoiser.num_gpus={s.denoiser.num_gpus} needs a GPU device: set device=cuda")
     if not isinstance(s.world.shared, bool):
         raise ConfigError(f"serve.world.shared={s.world.shared}: must be true (one world for all sessions) or false (one each)")
+    if not (isinstance(s.pipelines, int) and s.pipelines >= 1):
+        raise ConfigError(f"serve.pipelines={s.pipelines}: must be a whole number >= 1")
+    if s.stage.placement not in PLACEMENTS:
+        raise ConfigError(f"serve.stage.placement={s.stage.placement}: allowed {', '.join(PLACEMENTS)}")
+    for key in ("stage.num_gpus", "stage.num_cpus"):
+        value = OmegaConf.select(s, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"serve.{key}={value}: must be a number >= 0")
     if s.record_dir is not None and not isinstance(s.record_dir, str):
         raise ConfigError(f"serve.record_dir={s.record_dir}: must be a folder path or null")
     p = cfg.pipeline

@@ -85,6 +85,8 @@ class SessionRunner:
         self._queued: deque[ConditionFrame] = deque()  # conditions in the queue, oldest first
         self.latency_frames: int | None = None
         self.latency_s: float | None = None
+        self.restarts = 0  # queue rebuilds after a denoiser stage died
+        self.gap_frames = 0  # frames lost in them: conditions pushed that never became pictures
 
     def controlled(self) -> None:
         """The world holds a new control of this session."""
@@ -104,6 +106,15 @@ class SessionRunner:
         self.frames_in += 1
         self._pushed_seqs.append(seq)
         self._queued.append(conditions)
+
+    def restarted(self, lost: int) -> None:
+        """The session's queue was rebuilt (a denoiser stage died): the `lost` frames inside it
+        never come out; the new queue warms up and the stream goes on."""
+        log.warning("driving session %s: denoiser queue rebuilt, %d frames lost", self.id, lost)
+        self.restarts += 1
+        self.gap_frames += lost
+        self._queued.clear()
+        self._pushed_seqs.clear()
 
     def deliver(self, generated: list[GeneratedImages]) -> None:
         """Frames out of the queue: the k-th frame out shows the k-th conditions pushed."""
@@ -161,6 +172,8 @@ class SessionRunner:
                 "fps_condition": self.fps_conditioned(),
                 "control_latency_frames": self.latency_frames,
                 "control_latency_s": None if self.latency_s is None else round(self.latency_s, 4),
+                "queue_restarts": self.restarts,
+                "gap_frames": self.gap_frames,
                 "viewers": self.publisher.viewers,
                 "rtsp": self.publisher.output_stats("rtsp"),
                 "recording": self.publisher.output_stats("recording"),
@@ -247,12 +260,14 @@ class SessionManager:
 
     async def _denoise(self, runners: list[SessionRunner], packed: dict[str, PackedConditions]) -> None:
         try:
-            generated = await self.denoiser.push_many.remote(packed)
+            result = await self.denoiser.push_many.remote(packed)
         except Exception:
             log.exception("the denoiser failed on a round; its frames are lost")
             return
         for r in runners:
-            r.deliver(generated.get(r.id, []))
+            if r.id in result.restarted:
+                r.restarted(result.restarted[r.id])
+            r.deliver(result.images.get(r.id, []))
 
     async def _frames_out(self) -> None:
         """Wait until the last round's frames are out and handed to the publishers."""

@@ -1,0 +1,146 @@
+"""The denoiser pool on Ray: pipelines of stage actors, one band per (declared) GPU.
+
+This machine has no GPU, so Ray is started with declared GPUs: the stage actors are placed
+on them exactly as on a GPU machine (distinct GPU ids, CUDA_VISIBLE_DEVICES) and run the
+model on the CPU. What a driver would notice: a pipeline spread over several GPUs shows the
+same video as the queue in one process; when one of its GPUs' stages dies, their session
+goes on, on another pipeline, with the same stream.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+
+from deployments.stages import DenoiserPool  # noqa: E402
+from dwm.conditions.builder import ConditionBuilder  # noqa: E402
+from dwm.conditions.packed import PackedConditions  # noqa: E402
+from dwm.config import compose, instantiate  # noqa: E402
+from dwm.pipelines.streaming import StreamingPipeline  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(bands: int, **more):
+    return compose({
+        "pipeline.steps": str(6 * bands if bands < 4 else 12), "pipeline.window": "3",
+        "pipeline.bands": str(bands), "pipeline.batch_bands": "false", "world.vehicles": "8",
+        "serve.stage.num_gpus": "1", "serve.stage.num_cpus": "0.1", "serve.stage.torch_threads": "1",
+        **more,
+    })
+
+
+def drive(cfg, frames: int, egos: int = 1) -> list[list[PackedConditions]]:
+    world = instantiate(cfg, "world")
+    builder = ConditionBuilder.from_config(cfg)
+    ids = [world.add_ego() for _ in range(egos)]
+    for ego in ids:
+        world.set_autopilot(ego, True)
+    out = [[] for _ in ids]
+    for _ in range(frames):
+        for k, ego in enumerate(ids):
+            out[k].append(PackedConditions.pack(builder.build(world.observe(ego))))
+        world.tick()
+    world.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_gpus():
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("bands", [2, 4])
+def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_process(four_gpus, bands):
+    cfg = config(bands)
+    (frames,) = drive(cfg, frames=3 * bands + 4)
+    # The queue in one piece, here, with the stages' thread count (1): a matmul's rounding
+    # may depend on how many threads split it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = StreamingPipeline.from_config(cfg, views=3, seed=5)
+        expected = [out.images for f in frames for out in whole.push(f.unpack())]
+    finally:
+        torch.set_num_threads(threads)
+
+    pool = DenoiserPool(cfg)
+    try:
+        (pipeline,) = pool.placement()
+        gpus = [stage["gpu_ids"] for stage in pipeline["stages"]]
+        assert [stage["band"] for stage in pipeline["stages"]] == list(range(bands))
+        assert all(len(g) == 1 for g in gpus) and len({g[0] for g in gpus}) == bands, gpus
+
+        assert pool.open("s", views=3, seed=5) == 3 * bands - 1
+        got = []
+        for f in frames:
+            images, restarted = pool.push_many({"s": f})
+            assert restarted == {}
+            got += [im for _, im in images.get("s", [])]
+        assert len(got) == len(expected) == 5
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+        handover = pool.handover.stats()
+        assert handover["frames"] > 0 and handover["bytes_per_frame"] > 3 * 16 * 22 * 38 * 4
+    finally:
+        for p in pool.pipelines:
+            for stage in p.stages:
+                ray.kill(stage)
+            ray.util.remove_placement_group(p.group)
+
+
+def test_sessions_go_to_the_least_loaded_pipeline_and_a_dead_stage_moves_them(four_gpus):
+    cfg = config(2, **{"serve.pipelines": "2"})
+    a, b, c = drive(cfg, frames=16, egos=3)
+    pool = DenoiserPool(cfg)
+    try:
+        for sid in ("a", "b", "c"):
+            pool.open(sid, views=3, seed=1)
+        placement = pool.placement()
+        assert [p["sessions"] for p in placement] == [["a", "c"], ["b"]]
+        used = [g for p in placement for s in p["stages"] for g in s["gpu_ids"]]
+        assert sorted(used) == ["0", "1", "2", "3"]
+
+        out = {"a": 0, "b": 0, "c": 0}
+        for i in range(10):
+            images, restarted = pool.push_many({"a": a[i], "b": b[i], "c": c[i]})
+            assert restarted == {}
+            for sid in images:
+                out[sid] += 1
+        assert out == {"a": 5, "b": 5, "c": 5}
+
+        ray.kill(ray.get_actor(placement[1]["stages"][1]["actor"]))  # pipeline 1 loses band 1
+        time.sleep(0.5)
+        images, restarted = pool.push_many({"a": a[10], "b": b[10], "c": c[10]})
+        assert restarted == {"b": 6}  # the 5 frames inside its queue and this one are lost
+        assert set(images) == {"a", "c"}
+        placement = pool.placement()
+        assert placement[1]["healthy"] is False and placement[0]["sessions"] == ["a", "b", "c"]
+        # b's new queue warms up again (6 frames), then b gets frames as before; a and c never stop.
+        seen = {"a": 0, "b": 0, "c": 0}
+        for i in range(11, 16):
+            images, restarted = pool.push_many({"a": a[i], "b": b[i], "c": c[i]})
+            assert restarted == {}
+            for sid in images:
+                seen[sid] += 1
+        assert seen["a"] == seen["c"] == 5 and seen["b"] == 0
+        images, _ = pool.push_many({"a": a[15], "b": b[15], "c": c[15]})
+        assert "b" in images and images["b"][0][0] == 5  # its frame count goes on from 5
+    finally:
+        for p in pool.pipelines:
+            for stage in p.stages:
+                ray.kill(stage)
+            if p.healthy:
+                ray.util.remove_placement_group(p.group)
