@@ -302,6 +302,10 @@ class CarlaWorld(World):
     def _set_up(self) -> None:
         """Map geometry, weather, traffic and (after a reconnection) the heroes, anew."""
         world = self._conn.world
+        try:
+            world.get_blueprint_library().find(self._hero_blueprint)
+        except IndexError:
+            raise ValueError(f"world.hero_blueprint={self._hero_blueprint!r} is not a blueprint of this server") from None
         town = world.get_map()
         xodr = town.to_opendrive()
         key = f"{town.name}:{hashlib.sha1(xodr.encode()).hexdigest()}"
