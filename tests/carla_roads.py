@@ -97,3 +97,20 @@ def junction(arm: float = 60.0, radius: float = 12.0, sidewalks: bool = True, cr
         corners = [(-1.5, -half), (1.5, -half), (1.5, half), (-1.5, half)]
         walks = {i + 1: [(arm - 2.0, 0.0, 0.0, corners)] for i in range(4)}
     return _text(odr, walks)
+
+
+def highway(length: float = 1000.0, lanes: int = 4, width: float = 4.0) -> str:
+    """The embedded world's highway as OpenDRIVE: `lanes` lanes of `width` m driving along +x,
+    lane k centred at y = -k * width (the reference line on the left border, y = width / 2)."""
+    plan = xodr.PlanView(0.0, width / 2, 0.0)
+    plan.add_geometry(xodr.Line(length))
+    section = xodr.LaneSection(0, xodr.standard_lane(rm=xodr.std_roadmark_solid()))
+    for k in range(lanes):
+        mark = xodr.std_roadmark_broken() if k < lanes - 1 else xodr.std_roadmark_solid()
+        section.add_right_lane(xodr.standard_lane(width, rm=mark))
+    road_lanes = xodr.Lanes()
+    road_lanes.add_lanesection(section)
+    odr = xodr.OpenDrive("highway")
+    odr.add_road(xodr.Road(1, plan, road_lanes))
+    odr.adjust_roads_and_lanes()
+    return _text(odr)

@@ -193,7 +193,7 @@ class World:
 
     def get_weather(self):
         self._server.call("get_weather")
-        return self._server.weather
+        return _copy_weather(self._server.weather)
 
     def set_weather(self, weather) -> None:
         self._server.call("set_weather", weather)
@@ -250,7 +250,7 @@ class StandInServer:
     def _load(self, town: str) -> None:
         self.map = carla.Map(town, self.xodr)
         self.settings = carla.WorldSettings()
-        self.weather = carla.WeatherParameters.ClearNoon
+        self.weather = _copy_weather(carla.WeatherParameters.ClearNoon)
         self.actors: dict[int, Actor] = {}
         self.tm_sync: dict[int, bool] = {}
         self.frame = 1
@@ -274,9 +274,12 @@ class StandInServer:
         self.actors[actor.id] = actor
         return actor
 
-    def spawn_other(self, bp_id: str, location, yaw: float = 0.0) -> Actor:
-        """An actor spawned by some other client (a scenario script), Carla coordinates."""
-        return self.add(Blueprint(bp_id), carla.Transform(location, carla.Rotation(yaw=yaw)))
+    def spawn_other(self, bp_id: str, location, yaw: float = 0.0, extent=None) -> Actor:
+        """An actor spawned by some other client (a scenario script), Carla coordinates;
+        extent: its bounding box half sizes (m) when not the blueprint's."""
+        bp = Blueprint(bp_id)
+        bp.extent = extent or bp.extent
+        return self.add(bp, carla.Transform(location, carla.Rotation(yaw=yaw)))
 
     def role(self, role: str) -> list[Actor]:
         return [a for a in self.actors.values() if a.attributes.get("role_name") == role]
@@ -343,3 +346,8 @@ def _copy_settings(settings):
     for name in ("synchronous_mode", "fixed_delta_seconds", "no_rendering_mode"):
         setattr(copy, name, getattr(settings, name))
     return copy
+
+
+def _copy_weather(weather):
+    names = [n for n in dir(weather) if not n.startswith("_") and isinstance(getattr(weather, n), float)]
+    return carla.WeatherParameters(**{n: getattr(weather, n) for n in names})

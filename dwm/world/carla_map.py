@@ -111,8 +111,9 @@ def _sample_lane(carla_map, section: LaneSection, lane_id: int, step: float):
     length = section.s_end - section.s_start
     if length <= SECTION_END_MARGIN_M:
         return None
-    count = max(1, math.ceil(length / step))
-    s_values = np.linspace(section.s_start, section.s_end - SECTION_END_MARGIN_M, count + 1)
+    count = max(1, math.ceil(length / step - 1e-9))
+    s_values = section.s_start + np.arange(count + 1) * (length / count)  # evenly, `step` m at most
+    s_values[-1] = section.s_end - SECTION_END_MARGIN_M
     centres, rights, widths, right_marks, left_marks = [], [], [], [], []
     for s in s_values:
         wp = carla_map.get_waypoint_xodr(section.road_id, lane_id, float(s))
