@@ -101,3 +101,15 @@ def test_map_step_sets_the_sampling():
     assert len(fine.kinds) == 5 * len(coarse.kinds)
     with pytest.raises(ValueError, match="world.map_step"):
         extract_map(carla.Map("straight", text), step=0)
+
+
+def test_culling_a_town_sized_map_keeps_exactly_the_segments_near_the_ego():
+    g = extract_map(carla.Map("long", carla_roads.straight_road(length=3000.0)))
+    assert len(g.kinds) > 10000  # culled through its grid
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        xy, radius = rng.uniform([-100, -50], [3100, 50]), rng.uniform(5.0, 150.0)
+        culled = g.near(xy, radius)
+        every = (np.linalg.norm(g.starts[:, :2] - xy, axis=1) <= radius) | (np.linalg.norm(g.ends[:, :2] - xy, axis=1) <= radius)
+        np.testing.assert_array_equal(culled.starts, g.starts[every])
+        np.testing.assert_array_equal(culled.kinds, g.kinds[every])
