@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 carla = pytest.importorskip("carla")
+pytest.importorskip("scenariogeneration")
 
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -208,6 +209,32 @@ def test_a_dropped_server_is_a_clear_session_error_then_reconnected(server):
     assert server.actors == {}
 
 
+def test_the_session_error_crosses_process_boundaries_intact():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(WorldUnavailableError("lost the Carla server at h:2000", retry_in=4.0)))
+    assert isinstance(err, WorldUnavailableError) and str(err) == "lost the Carla server at h:2000"
+    assert err.retry_in == 4.0
+
+
+def test_after_a_dropped_connection_to_a_live_server_nothing_is_left_twice(server):
+    world = make_world(vehicles=3, walkers=1, **{"reconnect.first_delay_s": 0.0, "reconnect.max_delay_s": 0.0})
+    ego = world.add_ego()
+    world.add_ego("bob")
+    before = len(server.actors)
+    server.up = False
+    with pytest.raises(WorldUnavailableError):
+        world.tick()
+    world.remove_ego("bob")  # the session ends while the server is away
+    server.up = True  # the same server, its actors still there
+    world.tick()
+    assert len(server.actors) == before - 1
+    assert len(server.role("hero")) == 1 and server.role("hero-bob") == []
+    assert world.egos() == [ego]
+    world.close()
+    assert server.actors == {}
+
+
 def test_reconnection_waits_between_attempts(server):
     world = make_world(vehicles=0, walkers=0, **{"reconnect.first_delay_s": 60.0, "reconnect.max_delay_s": 120.0})
     world.add_ego()
@@ -253,6 +280,23 @@ def test_without_the_carla_package_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "carla", None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[carla\].*3\.10 to 3\.12"):
         import_carla()
+
+
+def test_carla_check_drives_draws_and_cleans_up(server, tmp_path, capsys):
+    from dwm.world.carla_check import main
+
+    out = tmp_path / "check.png"
+    assert main(["--host", "127.0.0.1", "--port", "2000", "--frames", "5", "--out", str(out), "--cameras",
+                 "world.vehicles=3", "world.walkers=1"]) == 0
+    import cv2
+
+    picture = cv2.imread(str(out))
+    assert picture.shape == (2 * 360, 3 * 640, 3) and picture[:360].any()  # layouts over the camera pictures
+    assert server.actors == {} and not server.settings.synchronous_mode
+    assert "cleaned up" in capsys.readouterr().out
+    server.up = False
+    assert main(["--out", str(out)]) == 1
+    assert "no Carla server answered" in capsys.readouterr().err
 
 
 def test_config_file_lists_the_documented_keys():

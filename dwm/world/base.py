@@ -52,6 +52,9 @@ class WorldUnavailableError(RuntimeError):
         super().__init__(message)
         self.retry_in = retry_in
 
+    def __reduce__(self):  # crosses process boundaries (Ray) with its retry time
+        return (type(self), (str(self), self.retry_in))
+
 
 @dataclass
 class VehicleControl:

@@ -134,6 +134,7 @@ class CarlaWorld(World):
         self._next_ego = 1
         self._steps = 0
         self._kinds: dict[int, _Kind] = {}
+        self._orphans: set[int] = set()  # ids of our actors left on a server that went away
         self._scene: _Scene | None = None
         self._closed = False
         self._conn.connect()
@@ -165,7 +166,9 @@ class CarlaWorld(World):
         hero = self._hero(ego_id)
         del self._heroes[ego_id]
         self._scene = None
-        if not self._backoff.down:
+        if self._backoff.down:  # destroyed once the server is back
+            self._orphans |= {hero.actor.id, *(c.id for c in hero.cameras)}
+        else:
             with self._server_call():
                 self._destroy_hero(hero)
 
@@ -289,6 +292,10 @@ class CarlaWorld(World):
                 f"next reconnection attempt in {wait:.0f} s", retry_in=wait)
         try:
             self._conn.connect()
+            # A server that only dropped the connection still holds our actors: clear them.
+            for actor in self._conn.world.get_actors(sorted(self._spawned_ids())):
+                _quietly(actor.destroy)
+            self._orphans.clear()
             self._set_up()
         except (WorldUnavailableError, RuntimeError) as err:
             delay = self._backoff.failed()
@@ -355,6 +362,12 @@ class CarlaWorld(World):
         return params
 
     # ------------------------------------------------------------------ internals: actors
+
+    def _spawned_ids(self) -> set[int]:
+        ids = set(self._orphans) | (self._traffic.ids() if hasattr(self, "_traffic") else set())
+        for hero in self._heroes.values():
+            ids |= {hero.actor.id, *(c.id for c in hero.cameras)}
+        return ids
 
     def _hero(self, ego_id: str) -> _Hero:
         try:
