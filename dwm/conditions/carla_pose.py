@@ -69,3 +69,20 @@ def world_from_carla_vehicle(location, rotation) -> np.ndarray:
     [pitch, yaw, roll] deg in Carla's world. Returns (..., 4, 4).
     """
     return FLIP_Y @ carla_transform_matrix(location, rotation) @ FLIP_Y @ CENTRE_FROM_REAR_AXLE
+
+
+def from_carla_points(points) -> np.ndarray:
+    """Carla world points (..., 3) m (left-handed) -> our world frame (..., 3): y flips sign.
+
+    OpenDRIVE itself is right-handed; Carla mirrors it on loading, so this also gives the
+    OpenDRIVE coordinates back.
+    """
+    points = np.array(points, dtype=np.float64)
+    points[..., 1] *= -1.0
+    return points
+
+
+def from_carla_yaw(yaw_deg) -> np.ndarray:
+    """Carla yaw (..., ) degrees, clockwise seen from above -> our yaw, radians about +z, in (-pi, pi]."""
+    yaw = -np.radians(np.asarray(yaw_deg, dtype=np.float64))
+    return np.pi - np.mod(np.pi - yaw, 2.0 * np.pi)

@@ -42,6 +42,20 @@ class UnknownEgoError(KeyError):
         return f"unknown ego {self.ego_id!r}; egos in this world: {known}"
 
 
+class WorldUnavailableError(RuntimeError):
+    """The world's simulator cannot be reached (a Carla server that went away or never
+    answered). The message is meant for the user: what happened, what is being done about it
+    (reconnection attempts), and what to check. `retry_in` is None when no retry is planned,
+    else the seconds until the next reconnection attempt."""
+
+    def __init__(self, message: str, retry_in: float | None = None):
+        super().__init__(message)
+        self.retry_in = retry_in
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its retry time
+        return (type(self), (str(self), self.retry_in))
+
+
 @dataclass
 class VehicleControl:
     """Carla's `VehicleControl` semantics: sticky until changed.
@@ -143,6 +157,9 @@ class Observation:
     environment: str  # scene description used in captions
     control: VehicleControl = field(default_factory=VehicleControl)
     autopilot: bool = False
+    # Real camera pictures from the simulator, when the world renders them (Carla with
+    # attach_cameras): rig camera name -> (H, W, 3) uint8 RGB at the rig's native size.
+    camera_images: dict[str, np.ndarray] | None = None
 
 
 class World(ABC):
