@@ -44,6 +44,12 @@ class SessionLimit(SessionError):
     status = 503
 
 
+class WorldGone(SessionError):
+    """The world's simulator cannot be reached now (it is being reconnected)."""
+
+    status = 503
+
+
 def refusals(method):
     """Decorator for SessionManager methods: a SessionError raised inside is returned as the
     method's result, for the caller to turn into an HTTP answer."""

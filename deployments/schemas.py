@@ -85,6 +85,8 @@ class SessionStats(BaseModel):
         description="frames out from the last control that reached the screen to the first frame showing it"
     )
     control_latency_s: float | None = Field(description="seconds from that control to that frame")
+    queue_restarts: int = Field(description="times the session's queue was rebuilt because a denoiser stage died")
+    gap_frames: int = Field(description="frames lost in those rebuilds (conditions pushed that never became pictures)")
     viewers: int = Field(description="MJPEG viewers now")
     rtsp: VideoOutput | None = Field(description="the RTSP push (config stream.rtsp.url), or null")
     recording: VideoOutput | None = Field(description="the MP4 recording ({\"record\": true}), or null")
@@ -92,7 +94,8 @@ class SessionStats(BaseModel):
 
 class SessionState(BaseModel):
     id: str
-    state: Literal["warming", "running"]
+    state: Literal["warming", "running", "world unavailable"]
+    error: str | None = Field(description="why the session makes no frames now (the world cannot be reached), or null")
     ego: str = Field(description="the ego car's id in the world")
     created: float = Field(description="Unix time the session was created")
     options: dict

@@ -25,7 +25,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.denoiser import GeneratedImages
-from deployments.errors import InvalidRequest, MissingToken, SessionLimit, SessionNotFound, WrongToken, refusals
+from deployments.errors import (
+    InvalidRequest, MissingToken, SessionLimit, SessionNotFound, WorldGone, WrongToken, refusals,
+)
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.frame import ConditionFrame
@@ -34,7 +36,7 @@ from dwm.pipelines.streaming import GeneratedFrame
 from dwm.streaming.compose import compose_strip
 from dwm.streaming.encoder import session_rtsp_url
 from dwm.streaming.stills import encode_png
-from dwm.world.base import Observation, VehicleControl
+from dwm.world.base import Observation, VehicleControl, WorldUnavailableError
 
 log = logging.getLogger("ray.serve")
 
@@ -151,11 +153,16 @@ class SessionRunner:
     def streams(self) -> dict:
         return {"mjpeg": f"/sessions/{self.id}/video.mjpg", "rtsp": self.rtsp_url}
 
-    def state(self, sim_time: float) -> dict:
+    def state(self, sim_time: float, world_error: str | None = None) -> dict:
         obs = self.last_observation
+        if world_error:
+            state = "world unavailable"
+        else:
+            state = "running" if self.frames_out else "warming"
         return {
             "id": self.id,
-            "state": "running" if self.frames_out else "warming",
+            "state": state,
+            "error": world_error,
             "ego": self.ego_id,
             "created": self.created,
             "options": self.options,
@@ -181,6 +188,16 @@ class SessionRunner:
         }
 
 
+def world_unavailable(err: BaseException) -> WorldUnavailableError | None:
+    """The WorldUnavailableError behind an error from the World actor (Ray wraps it), if any."""
+    # The original first: Ray's wrapper is an instance of the class too, but its text carries
+    # the remote traceback.
+    for candidate in (getattr(err, "cause", None), err.__cause__, err):
+        if isinstance(candidate, WorldUnavailableError):
+            return candidate
+    return None
+
+
 def _cause(err: BaseException) -> str:
     """The message of the error raised inside another actor (Ray wraps it with its traceback)."""
     cause = getattr(err, "cause", None) or err
@@ -204,6 +221,7 @@ class SessionManager:
         self._ticked = asyncio.Event()  # realtime: the world has ticked
         self._sampled = -math.inf  # realtime: sim time of the last round's observations
         self._denoising: asyncio.Task | None = None  # the last round's push, then its delivery
+        self.world_error: str | None = None  # why the world cannot be reached now, if it cannot
         self._tasks = [asyncio.create_task(self._rounds())]
         if self.realtime:
             self.dt = float(await self.world.dt.remote())
@@ -227,11 +245,11 @@ class SessionManager:
             try:
                 async with self._round:
                     await self._run_round(list(self.sessions.values()))
+                self.world_error = None
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("a frame round failed; starting the next one")
-                await asyncio.sleep(1.0)
+            except Exception as err:
+                await self._round_failed(err, "a frame round failed; starting the next one")
 
     async def _run_round(self, runners: list[SessionRunner]) -> None:
         """Observe, build and hand over one round. Pipelined: the model works on the previous
@@ -257,6 +275,20 @@ class SessionManager:
         else:
             self._sampled = max(o.sim_time for o in observations.values())
         self.rounds += 1
+
+    async def _round_failed(self, err: Exception, what: str) -> None:
+        """A world that cannot be reached (a Carla server gone) is news for every session, not
+        a crash: its message shows in their state until the world answers again, and the
+        rounds go on calling it (which is what reconnects it). Anything else is logged."""
+        unavailable = world_unavailable(err)
+        if unavailable is None:
+            log.exception(what)
+            await asyncio.sleep(1.0)
+            return
+        if self.world_error != str(unavailable):
+            log.warning("the world is unavailable: %s", unavailable)
+        self.world_error = str(unavailable)
+        await asyncio.sleep(min(max(unavailable.retry_in or 1.0, 0.2), 5.0))
 
     async def _denoise(self, runners: list[SessionRunner], packed: dict[str, PackedConditions]) -> None:
         try:
@@ -292,9 +324,9 @@ class SessionManager:
                 next_at = loop.time()
             try:
                 self.sim_time = await self.world.tick.remote()
-            except Exception:
-                log.exception("a world tick failed")
-                await asyncio.sleep(1.0)
+                self.world_error = None
+            except Exception as err:
+                await self._round_failed(err, "a world tick failed")
             self._ticked.set()
 
     # ------------------------------------------------------------------ requests
@@ -356,11 +388,11 @@ class SessionManager:
 
     @refusals
     def list(self) -> list[dict]:
-        return [r.state(self.sim_time) for r in self.sessions.values()]
+        return [r.state(self.sim_time, self.world_error) for r in self.sessions.values()]
 
     @refusals
     def get(self, session_id: str) -> dict:
-        return self._runner(session_id).state(self.sim_time)
+        return self._runner(session_id).state(self.sim_time, self.world_error)
 
     @refusals
     async def control(self, session_id: str, token: str | None, changes: dict) -> dict:
@@ -380,9 +412,12 @@ class SessionManager:
                     control = held.merged(**changes)
                 if changes or autopilot is not None:
                     await self.world.apply_control.remote(runner.ego_id, control)
-            except Exception:
+            except Exception as err:
                 if session_id not in self.sessions:  # deleted meanwhile: its ego is gone
                     raise SessionNotFound(f"driving session {session_id!r} has ended") from None
+                unavailable = world_unavailable(err)
+                if unavailable is not None:
+                    raise WorldGone(f"the control did not reach the world: {unavailable}") from None
                 raise
             runner.control = control
             runner.controlled()

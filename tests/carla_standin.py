@@ -351,3 +351,33 @@ def _copy_settings(settings):
 def _copy_weather(weather):
     names = [n for n in dir(weather) if not n.startswith("_") and isinstance(getattr(weather, n), float)]
     return carla.WeatherParameters(**{n: getattr(weather, n) for n in names})
+
+
+class FlaggedServer(StandInServer):
+    """A stand-in server that is down while the file `down_flag` exists, so that a test can
+    take it away from another process (a Ray actor's)."""
+
+    def __init__(self, xodr: str, down_flag: str):
+        self._flag = down_flag
+        super().__init__(xodr)
+
+    @property
+    def up(self) -> bool:
+        import os
+
+        return not os.path.exists(self._flag)
+
+    @up.setter
+    def up(self, value: bool) -> None:  # the file decides
+        pass
+
+
+def world_on_standin(down_flag: str, **kwargs):
+    """A `CarlaWorld` on a `FlaggedServer` in this process (config `_target_` for the Serve
+    tests: the World actor builds it in its own process). kwargs: the world config."""
+    from dwm.world.carla_world import CarlaWorld
+    from tests import carla_roads
+
+    server = FlaggedServer(carla_roads.straight_road(length=400.0, sidewalks=True), down_flag)
+    carla.Client = server.client_class()
+    return CarlaWorld(**kwargs)

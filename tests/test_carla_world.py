@@ -45,14 +45,14 @@ def make_world(**overrides) -> CarlaWorld:
 def test_takes_synchronous_mode_and_gives_the_world_back_at_close(server):
     world = make_world(vehicles=3, walkers=2)
     assert server.settings.synchronous_mode and server.settings.fixed_delta_seconds == pytest.approx(0.1)
-    assert server.tm_sync == {8000: True}
+    assert server.tm_sync == {8010: True}
     assert ("set_timeout", 10.0) in server.calls
     world.add_ego()
     world.tick()
     assert len(server.actors) == 1 + 3 + 2 * 2  # hero, vehicles, walkers and their controllers
     world.close()
     assert not server.settings.synchronous_mode and server.settings.fixed_delta_seconds is None
-    assert server.tm_sync == {8000: False}
+    assert server.tm_sync == {8010: False}
     assert server.actors == {}  # everything we spawned is gone
     world.close()  # twice is fine
 
@@ -86,7 +86,7 @@ def test_npc_vehicles_drive_on_the_traffic_manager_and_walkers_retarget_on_arriv
     world = make_world(vehicles=4, walkers=2)
     npcs = [a for a in server.actors.values() if a.type_id.startswith("vehicle")]
     assert len(npcs) == 4 and all(a.autopilot for a in npcs)
-    assert all(("set_autopilot", a.id, True, 8000) in server.calls for a in npcs)
+    assert all(("set_autopilot", a.id, True, 8010) in server.calls for a in npcs)
     world.tick()
     controllers = [a for a in server.actors.values() if a.type_id == "controller.ai.walker"]
     assert len(controllers) == 2 and all(c.started and c.target is not None for c in controllers)
@@ -108,7 +108,7 @@ def test_controls_are_carla_vehicle_controls_and_autopilot_hands_back_its_last(s
     assert isinstance(sent, carla.VehicleControl)
     assert (sent.throttle, sent.steer, sent.reverse) == (pytest.approx(0.8), pytest.approx(-0.8), True)
     world.set_autopilot(ego, True)
-    assert hero.autopilot and ("set_autopilot", hero.id, True, 8000) in server.calls
+    assert hero.autopilot and ("set_autopilot", hero.id, True, 8010) in server.calls
     hero.control = carla.VehicleControl(throttle=0.35, steer=0.1)  # what the traffic manager drives
     assert world.observe(ego).control.throttle == pytest.approx(0.35)
     world.set_autopilot(ego, False)
@@ -199,7 +199,7 @@ def test_a_dropped_server_is_a_clear_session_error_then_reconnected(server):
     server.restart()  # it comes back, empty and asynchronous
     server.up = True
     world.tick()
-    assert server.settings.synchronous_mode and server.tm_sync == {8000: True}
+    assert server.settings.synchronous_mode and server.tm_sync == {8010: True}
     assert world.egos() == [ego]
     hero = server.role("hero")
     assert len(hero) == 1 and hero[0].control.throttle == pytest.approx(0.5)  # same ego, same control

@@ -58,7 +58,7 @@ def test_ctrl_c_on_serve_run_stops_everything_it_started(tmp_path):
             assert proc.poll() is None, f"serve run exited early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"serve run did not come up:\n{log.read_text()[-3000:]}"
             try:
-                r = requests.post(f"{URL}/sessions", timeout=10)
+                r = requests.post(f"{URL}/sessions", timeout=60)
                 created = r.json() if r.status_code == 201 else None
             except requests.ConnectionError:
                 time.sleep(0.5)
