@@ -147,6 +147,10 @@ class Ingress:
             headers={"Cache-Control": "no-store"},
         )
 
+    @api.get("/pipelines", summary="Where the model runs: pipelines, their sessions, each stage's GPU and node")
+    async def pipelines(self):
+        return await self._call("pipelines")
+
     @api.get(
         "/sessions/{session_id}/layout.png",
         summary="The newest conditions' layout images side by side (what the model is asked to draw)",

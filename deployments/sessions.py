@@ -435,6 +435,12 @@ class SessionManager:
         return runner.state(self.sim_time)
 
     @refusals
+    async def pipelines(self) -> dict:
+        """The Denoiser's placement: per pipeline its sessions and stages (band, GPU ids, node),
+        and the hand-over totals between stages."""
+        return await self.denoiser.placement.remote()
+
+    @refusals
     async def next_frame(self, session_id: str, after: int, timeout: float) -> JpegFrame | None:
         """The session's newest JPEG once its index is above `after` (long poll, `timeout` s)."""
         publisher = self._runner(session_id).publisher

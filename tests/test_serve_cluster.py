@@ -1,0 +1,127 @@
+"""The Serve app on a 2-node cluster with declared GPUs: two denoiser pipelines of two stage
+actors, one per node (a pipeline's stages packed on one node), sessions on both; one node's
+stage dies and its session goes on, on the other pipeline, with the same stream.
+
+`ray.cluster_utils.Cluster` starts real Ray nodes (raylets) in this machine; the GPUs are
+declared, the model runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+import deployments  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 180.0
+OVERRIDES = {
+    "pipeline.steps": "6", "pipeline.window": "3", "pipeline.bands": "2", "pipeline.batch_bands": "false",
+    "world.vehicles": "8", "serve.pipelines": "2", "serve.stage.num_gpus": "1", "serve.stage.num_cpus": "0.1",
+    "serve.stage.torch_threads": "1", "serve.graceful_shutdown_s": "1.0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eventually(check, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+class MjpegReader(threading.Thread):
+    """Reads a session's MJPEG stream in the background, keeping the frame indices seen."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.indices, self.stop = url, [], threading.Event()
+
+    def run(self) -> None:
+        with requests.get(self.url, stream=True, timeout=60) as r:
+            for line in r.iter_lines():
+                if self.stop.is_set():
+                    return
+                if line.startswith(b"X-Frame-Index:"):
+                    self.indices.append(int(line.split(b":")[1]))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                      "object_store_memory": 200 * 2**20})
+    nodes = [c.add_node(num_cpus=1, num_gpus=2, object_store_memory=200 * 2**20) for _ in range(2)]
+    ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    c.wait_for_nodes()
+    try:
+        yield nodes
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goes_on(cluster):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    serve.run(deployments.app(OVERRIDES))
+
+    placement = requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
+    assert len(placement) == 2
+    worker_nodes = {n.node_id for n in cluster}
+    for pipeline in placement:  # each pipeline on one node (PACK), each stage its own GPU
+        nodes = {stage["node_id"] for stage in pipeline["stages"]}
+        assert len(nodes) == 1 and nodes <= worker_nodes, pipeline
+        assert len({stage["gpu_ids"][0] for stage in pipeline["stages"]}) == 2
+    assert {placement[0]["stages"][0]["node_id"], placement[1]["stages"][0]["node_id"]} == worker_nodes
+
+    sessions = [requests.post(f"{base}/sessions", json={"autopilot": True}, timeout=120).json() for _ in range(2)]
+    placement = requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
+    assert sorted(len(p["sessions"]) for p in placement) == [1, 1]  # least loaded: one each
+    readers = [MjpegReader(s["streams"]["mjpeg"]) for s in sessions]
+    for reader in readers:
+        reader.start()
+    eventually(lambda: all(len(r.indices) >= 3 for r in readers), "frames on both streams")
+
+    victim = placement[0]
+    (moved,) = victim["sessions"]
+    ray.kill(ray.get_actor(victim["stages"][1]["actor"]))
+
+    def state(sid):
+        return requests.get(f"{base}/sessions/{sid}", timeout=30).json()
+
+    eventually(lambda: state(moved)["stats"]["queue_restarts"] == 1, "the session's queue to be rebuilt")
+    seen = len(readers[[s["id"] for s in sessions].index(moved)].indices)
+    eventually(lambda: all(len(r.indices) >= seen + 4 for r in readers), "both streams to go on")
+    for reader in readers:
+        assert reader.indices == sorted(reader.indices) and len(set(reader.indices)) == len(reader.indices)
+    after = requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
+    assert after[0]["healthy"] is False and sorted(after[1]["sessions"]) == sorted(s["id"] for s in sessions)
+    moved_state = state(moved)
+    assert moved_state["stats"]["gap_frames"] > 0 and moved_state["streams"]["mjpeg"].endswith(f"/sessions/{moved}/video.mjpg")
+    other = next(s["id"] for s in sessions if s["id"] != moved)
+    assert state(other)["stats"]["queue_restarts"] == 0 and state(other)["stats"]["gap_frames"] == 0
+    for reader in readers:
+        reader.stop.set()
