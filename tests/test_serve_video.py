@@ -104,7 +104,7 @@ def test_an_output_that_cannot_open_reports_why():
     assert "no RTSP server" in out.error
 
 
-def test_packed_conditions_come_back_bit_for_bit_at_a_quarter_of_the_size():
+def test_packed_conditions_come_back_bit_for_bit_and_small():
     import pickle
 
     import torch
@@ -126,4 +126,5 @@ def test_packed_conditions_come_back_bit_for_bit_at_a_quarter_of_the_size():
     for name in ("box_images", "map_images", "camera_params"):
         assert torch.equal(getattr(back, name), getattr(frame, name)), name
     assert back.captions == frame.captions and back.sim_time == frame.sim_time
-    assert len(pickle.dumps(packed)) <= frame.layout.numel() + 4096  # one byte per value, not four
+    # Far less than one byte per layout value (mostly black, compressed), never four.
+    assert len(pickle.dumps(packed)) <= frame.layout.numel() // 10

@@ -57,8 +57,7 @@ class StageFrame:
     @property
     def nbytes(self) -> int:
         """Bytes of tensor and array data it carries between processes."""
-        c = self.conditions
-        return self.latent.numel() * self.latent.element_size() + c.layout.nbytes + c.camera_params.nbytes
+        return self.latent.numel() * self.latent.element_size() + self.conditions.nbytes
 
 
 class Entry(NamedTuple):

@@ -1,0 +1,185 @@
+"""The denoiser pool on the CPU: B stage actors per pipeline against the queue in one process.
+
+    python -m bench.bench_pool                       # B in {1, 2, 4}, 1/2/4/8 sessions
+    python -m bench.bench_pool --bands 2 --sessions 4 --rounds 12
+
+Tiny model, 3 views, N=12, T=3 (so L = 3B: s = 4, 2, 1). For each B and session count, in the
+same run on the same conditions: the single-process queue (`push_many` over every session's
+`StreamingPipeline`, bands batched in one call) and one pipeline of B stage actors (Ray started
+with B declared GPUs, one band each; on this 2-core CPU the stages share the cores, so this
+measures the pool's cost, not a GPU's gain). Throughput: frames out per second over the timed
+rounds, all sessions. Latency: from a frame's conditions entering to its picture leaving, in
+rounds (shifts) and seconds. Hand-over: bytes per frame handed between stages, and the time
+to move one such frame through Ray's object store against one model call of a stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from deployments.stages import DenoiserPool  # noqa: E402
+from dwm.conditions.builder import ConditionBuilder  # noqa: E402
+from dwm.conditions.packed import PackedConditions  # noqa: E402
+from dwm.config import compose, instantiate  # noqa: E402
+from dwm.pipelines.stages import StageFrame  # noqa: E402
+from dwm.pipelines.streaming import StreamingPipeline, push_many  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(bands: int):
+    return compose({
+        "pipeline.steps": "12", "pipeline.window": "3", "pipeline.bands": str(bands), "world.vehicles": "8",
+        "serve.stage.num_gpus": "1", "serve.stage.num_cpus": "0.1", "serve.stage.torch_threads": "1",
+    })
+
+
+def conditions(cfg, sessions: int, frames: int) -> list[list[PackedConditions]]:
+    """frames[i][k]: session k's conditions of round i (egos driving on autopilot)."""
+    world = instantiate(cfg, "world")
+    builder = ConditionBuilder.from_config(cfg)
+    egos = [world.add_ego() for _ in range(sessions)]
+    for ego in egos:
+        world.set_autopilot(ego, True)
+    out = []
+    for _ in range(frames):
+        out.append([PackedConditions.pack(builder.build(world.observe(e))) for e in egos])
+        world.tick()
+    world.close()
+    return out
+
+
+class Timing:
+    """Frames out and the latency of each, from per-round push times."""
+
+    def __init__(self):
+        self.entered: dict[tuple[str, int], float] = {}
+        self.latency_s: list[float] = []
+        self.frames = 0
+
+    def pushed(self, sid: str, k: int) -> None:
+        self.entered[(sid, k)] = time.perf_counter()
+
+    def left(self, sid: str, k: int) -> None:
+        self.latency_s.append(time.perf_counter() - self.entered.pop((sid, k)))
+        self.frames += 1
+
+
+def run_single(cfg, frames, warm: int):
+    torch.set_num_threads(1)
+    model = StreamingPipeline.build_model(cfg)
+    sids = [f"s{k}" for k in range(len(frames[0]))]
+    queues = {sid: StreamingPipeline.from_config(cfg, 3, model=model, seed=k) for k, sid in enumerate(sids)}
+    timing, out_count = Timing(), {sid: 0 for sid in sids}
+    start = None
+    for i, row in enumerate(frames):
+        if i == warm:
+            start, timing.frames, timing.latency_s = time.perf_counter(), 0, []
+        for sid in sids:
+            timing.pushed(sid, i)
+        for sid, got in zip(sids, push_many([(queues[s], c.unpack()) for s, c in zip(sids, row)])):
+            for _ in got:
+                timing.left(sid, out_count[sid])
+                out_count[sid] += 1
+    return timing.frames / (time.perf_counter() - start), timing
+
+
+def run_pool(cfg, frames, warm: int):
+    pool = DenoiserPool(cfg)
+    sids = [f"s{k}" for k in range(len(frames[0]))]
+    for k, sid in enumerate(sids):
+        pool.open(sid, 3, k)
+    timing = Timing()
+    start = None
+    try:
+        for i, row in enumerate(frames):
+            if i == warm:
+                start, timing.frames, timing.latency_s = time.perf_counter(), 0, []
+            for sid in sids:
+                timing.pushed(sid, i)
+            images, _ = pool.push_many(dict(zip(sids, row)))
+            for sid, got in images.items():
+                for index, _ in got:
+                    timing.left(sid, index)
+        return timing.frames / (time.perf_counter() - start), timing, pool.handover.stats()
+    finally:
+        for p in pool.pipelines:
+            for stage in p.stages:
+                ray.kill(stage)
+            ray.util.remove_placement_group(p.group)
+
+
+def handover_cost(cfg, frame: PackedConditions, repeats: int = 20) -> tuple[int, float, float]:
+    """Bytes of one handed-on frame, median ms to move it through the object store to
+    another process, and median ms of one stage model call (guided window of one band)."""
+    latent = torch.randn(3, 16, 22, 38)
+    handed = StageFrame(latent, 4, frame, tuple(frame.captions))
+
+    @ray.remote(num_cpus=0.1)
+    def receive(f: StageFrame) -> int:
+        return f.latent.numel()
+
+    ray.get(receive.remote(handed))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ray.get(receive.remote(handed))
+        times.append(time.perf_counter() - t0)
+    model = StreamingPipeline.build_model(cfg)
+    q = StreamingPipeline.from_config(cfg, 3, model=model)
+    x = torch.randn(2, 3, 3, 16, 22, 38)
+    ctx = model.denoiser.frame_context(frame.unpack().layout, frame.unpack().camera_params, model.text_encoder.encode(frame.captions))
+    ctx = {k: v.expand(2, 3, *v.shape).contiguous() for k, v in ctx.items()}
+    ts = torch.full((2, 3, 3), 500.0)
+    with torch.inference_mode():
+        model.denoiser(x, ts, ctx)
+        calls = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.denoiser(x, ts, ctx)
+            calls.append(time.perf_counter() - t0)
+    del q
+    return handed.nbytes, 1e3 * statistics.median(times), 1e3 * statistics.median(calls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bands", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--sessions", type=int, nargs="*", default=[1, 2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds after the queues run")
+    args = parser.parse_args()
+    ray.init(num_cpus=2, num_gpus=max(args.bands), include_dashboard=False, log_to_driver=False,
+             object_store_memory=512 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    rows = []
+    for bands in args.bands:
+        cfg = config(bands)
+        warm = 3 * bands + 1  # rounds until every queue has warmed up and given a frame
+        for sessions in args.sessions:
+            frames = conditions(cfg, sessions, warm + args.rounds)
+            single_fps, single = run_single(cfg, frames, warm)
+            pool_fps, pool, handover = run_pool(cfg, frames, warm)
+            rows.append((bands, sessions, single_fps, statistics.median(single.latency_s),
+                         pool_fps, statistics.median(pool.latency_s), handover["bytes_per_frame"]))
+            print(f"B={bands} sessions={sessions}: single {single_fps:.2f} fps, pool {pool_fps:.2f} fps", flush=True)
+    nbytes, move_ms, call_ms = handover_cost(config(1), frames[0][0])
+    print(f"\ntiny model, 3 views, N=12, T=3, {args.rounds} timed rounds; torch 1 thread per stage and in the single process; 2 CPUs")
+    print("| B | sessions | latency (shifts) | single fps | single latency s | pool fps | pool latency s | pool / single | hand-over bytes/frame |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for bands, sessions, s_fps, s_lat, p_fps, p_lat, hb in rows:
+        print(f"| {bands} | {sessions} | {3 * bands} | {s_fps:.2f} | {s_lat:.2f} | {p_fps:.2f} | {p_lat:.2f} | "
+              f"{p_fps / s_fps:.2f} | {hb if bands > 1 else '-'} |")
+    print(f"\nhand-over of one frame: {nbytes} bytes, {move_ms:.2f} ms through the object store to another "
+          f"process, against {call_ms:.1f} ms for one stage model call ({100 * move_ms / call_ms:.1f}%)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
