@@ -71,6 +71,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"serve.stage.placement={s.stage.placement}: allowed {', '.join(PLACEMENTS)}")
     for key in ("stage.num_gpus", "stage.num_cpus"):
         value = OmegaConf.select(s, key)
+        if value is None and key == "stage.num_gpus":
+            continue  # one per stage with device=cuda
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"serve.{key}={value}: must be a number >= 0")
     if s.record_dir is not None and not isinstance(s.record_dir, str):

@@ -102,8 +102,11 @@ class DenoiserPool:
         s, p = cfg.serve, cfg.pipeline
         self.bands = int(p.bands)
         bundle = {"CPU": float(s.stage.num_cpus)}
-        if s.stage.num_gpus:
-            bundle["GPU"] = float(s.stage.num_gpus)
+        gpus = s.stage.num_gpus
+        if gpus is None:  # one GPU per stage where the model runs on GPUs
+            gpus = 1 if str(cfg.device).startswith("cuda") else 0
+        if gpus:
+            bundle["GPU"] = float(gpus)
         self.pipelines: list[Pipeline] = []
         self.name = f"dwm-stage-{secrets.token_hex(3)}"  # stage actors: {name}-p{pipeline}-b{band}
         for i in range(int(s.pipelines)):

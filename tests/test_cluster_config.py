@@ -29,5 +29,5 @@ def test_the_documented_serve_command_composes():
     assert match, "cluster.yaml documents the serve run command"
     overrides = match.group(1).split()
     cfg = compose(overrides)
-    assert cfg.pipeline.bands == 4 and cfg.serve.pipelines == 2 and cfg.serve.stage.num_gpus == 1
+    assert cfg.pipeline.bands == 4 and cfg.serve.pipelines == 2 and cfg.serve.stage.num_gpus is None
     assert cfg.model.name == "ctsd_35_xs" and cfg.device == "cuda"
