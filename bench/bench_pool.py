@@ -2,6 +2,7 @@
 
     python -m bench.bench_pool                       # B in {1, 2, 4}, 1/2/4/8 sessions
     python -m bench.bench_pool --bands 2 --sessions 4 --rounds 12
+    python -m bench.bench_pool --bands 1 4 --sessions 1 4 device=cuda model=ctsd_35_xs model.random_weights=true
 
 Tiny model, 3 views, N=12, T=3 (so L = 3B: s = 4, 2, 1). For each B and session count, in the
 same run on the same conditions: the single-process queue (`push_many` over every session's
@@ -35,11 +36,11 @@ from dwm.pipelines.streaming import StreamingPipeline, push_many  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config(bands: int):
-    return compose({
-        "pipeline.steps": "12", "pipeline.window": "3", "pipeline.bands": str(bands), "world.vehicles": "8",
-        "serve.stage.num_gpus": "1", "serve.stage.num_cpus": "0.1", "serve.stage.torch_threads": "1",
-    })
+def config(bands: int, overrides: list[str] = ()):
+    return compose([
+        "pipeline.steps=12", "pipeline.window=3", f"pipeline.bands={bands}", "world.vehicles=8",
+        "serve.stage.num_gpus=1", "serve.stage.num_cpus=0.1", "serve.stage.torch_threads=1", *overrides,
+    ])
 
 
 def conditions(cfg, sessions: int, frames: int) -> list[list[PackedConditions]]:
@@ -155,12 +156,13 @@ def main() -> None:
     parser.add_argument("--bands", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--sessions", type=int, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds after the queues run")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ (e.g. device=cuda model=ctsd_35_xs ...)")
     args = parser.parse_args()
     ray.init(num_cpus=2, num_gpus=max(args.bands), include_dashboard=False, log_to_driver=False,
              object_store_memory=512 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     rows = []
     for bands in args.bands:
-        cfg = config(bands)
+        cfg = config(bands, args.overrides)
         warm = 3 * bands + 1  # rounds until every queue has warmed up and given a frame
         for sessions in args.sessions:
             frames = conditions(cfg, sessions, warm + args.rounds)
@@ -169,7 +171,7 @@ def main() -> None:
             rows.append((bands, sessions, single_fps, statistics.median(single.latency_s),
                          pool_fps, statistics.median(pool.latency_s), handover["bytes_per_frame"]))
             print(f"B={bands} sessions={sessions}: single {single_fps:.2f} fps, pool {pool_fps:.2f} fps", flush=True)
-    nbytes, move_ms, call_ms = handover_cost(config(1), frames[0][0])
+    nbytes, move_ms, call_ms = handover_cost(config(1, args.overrides), frames[0][0])
     print(f"\ntiny model, 3 views, N=12, T=3, {args.rounds} timed rounds; torch 1 thread per stage and in the single process; 2 CPUs")
     print("| B | sessions | latency (shifts) | single fps | single latency s | pool fps | pool latency s | pool / single | hand-over bytes/frame |")
     print("|---|---|---|---|---|---|---|---|---|")
