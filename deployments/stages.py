@@ -180,17 +180,21 @@ class DenoiserPool:
 
         Returns (session -> [(frame index, images (V, 3, H, W))], session -> frames lost by a
         restart of its queue in this round). All pipelines' stages run at once."""
-        calls = []
+        calls, waiting_by = [], {}
         for pipeline in self.pipelines:
             mine = {sid: c for sid, c in frames.items() if self.where.get(sid) is pipeline}
-            if not pipeline.healthy or not (mine or any(pipeline.pending)):
+            if not pipeline.healthy or not mine:
                 continue
-            entering = [dict(pending) for pending in pipeline.pending]
+            # Frames handed on enter with their session's next frame; a session that skips a
+            # round keeps them waiting (its bands must not take a frame without a shift).
+            entering = [{sid: f for sid, f in pending.items() if sid in mine} for pending in pipeline.pending]
+            waiting = [{sid: f for sid, f in pending.items() if sid not in mine} for pending in pipeline.pending]
             phases = {}
             for sid, conditions in mine.items():
                 entry = self.fronts[sid].enter(conditions)
                 entering[entry.stage][sid] = entry.frame
                 phases[sid] = entry.phase
+            waiting_by[pipeline.index] = waiting
             calls.append((pipeline, [stage.round.remote(entering[b], phases) for b, stage in enumerate(pipeline.stages)]))
         out: dict[str, list[tuple[int, torch.Tensor]]] = {}
         restarted: dict[str, int] = {}
@@ -200,7 +204,8 @@ class DenoiserPool:
             except RayActorError:
                 restarted.update(self._fail(pipeline))
                 continue
-            pipeline.pending = [{}] + results[:-1]
+            waiting = waiting_by[pipeline.index]
+            pipeline.pending = [{**waiting[0]}] + [{**w, **r} for w, r in zip(waiting[1:], results[:-1])]
             for handed in results[:-1]:
                 self.handover.frames += len(handed)
                 self.handover.bytes += sum(f.nbytes for f in handed.values())

@@ -20,10 +20,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 
 from deployments.stages import DenoiserPool  # noqa: E402
-from dwm.conditions.builder import ConditionBuilder  # noqa: E402
-from dwm.conditions.packed import PackedConditions  # noqa: E402
-from dwm.config import compose, instantiate  # noqa: E402
+from dwm.config import compose  # noqa: E402
 from dwm.pipelines.streaming import StreamingPipeline  # noqa: E402
+from tests.driving import packed_drive  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,21 +34,6 @@ def config(bands: int, **more):
         "serve.stage.num_gpus": "1", "serve.stage.num_cpus": "0.1", "serve.stage.torch_threads": "1",
         **more,
     })
-
-
-def drive(cfg, frames: int, egos: int = 1) -> list[list[PackedConditions]]:
-    world = instantiate(cfg, "world")
-    builder = ConditionBuilder.from_config(cfg)
-    ids = [world.add_ego() for _ in range(egos)]
-    for ego in ids:
-        world.set_autopilot(ego, True)
-    out = [[] for _ in ids]
-    for _ in range(frames):
-        for k, ego in enumerate(ids):
-            out[k].append(PackedConditions.pack(builder.build(world.observe(ego))))
-        world.tick()
-    world.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +49,7 @@ def four_gpus():
 @pytest.mark.parametrize("bands", [2, 4])
 def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_process(four_gpus, bands):
     cfg = config(bands)
-    (frames,) = drive(cfg, frames=3 * bands + 4)
+    (frames,) = packed_drive(cfg, frames=3 * bands + 4)
     # The queue in one piece, here, with the stages' thread count (1): a matmul's rounding
     # may depend on how many threads split it.
     threads = torch.get_num_threads()
@@ -104,7 +88,7 @@ def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_pr
 
 def test_sessions_go_to_the_least_loaded_pipeline_and_a_dead_stage_moves_them(four_gpus):
     cfg = config(2, **{"serve.pipelines": "2"})
-    a, b, c = drive(cfg, frames=16, egos=3)
+    a, b, c = packed_drive(cfg, frames=16, egos=3)
     pool = DenoiserPool(cfg)
     try:
         for sid in ("a", "b", "c"):

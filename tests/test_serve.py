@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -31,6 +29,7 @@ import deployments  # noqa: E402
 from dwm.client.api import ApiError, SessionClient  # noqa: E402
 from dwm.config import ConfigError  # noqa: E402
 from dwm.streaming.encoder import ACCESS_UNIT_DELIMITER  # noqa: E402
+from tests.waiting import eventually, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small queue (N=6 steps, T=3: depth 2) so frames come out after 3 rounds.
@@ -39,24 +38,6 @@ MAX_SESSIONS = 3
 VIEWS, VIEW_H, VIEW_W = 3, 172, 304  # nusc_3views at pipeline.output_size
 MODEL_W = 304  # pipeline.resolution width: one view of the layout PNG
 WAIT_S = 120.0  # upper bound for anything to happen; a healthy run takes a few seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(check: Callable[[], object], what: str, timeout: float = WAIT_S):
-    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------------- the server

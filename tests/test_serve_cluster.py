@@ -9,9 +9,7 @@ declared, the model runs on the CPU.
 from __future__ import annotations
 
 import os
-import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,31 +22,19 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import deployments  # noqa: E402
+from tests.waiting import eventually as wait_until, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WAIT_S = 180.0
+WAIT_S = 180.0  # upper bound: a 2-node cluster on 2 cores starts slowly
+
+
+def eventually(check, what: str):
+    return wait_until(check, what, timeout=WAIT_S, every=0.3)
 OVERRIDES = {
     "pipeline.steps": "6", "pipeline.window": "3", "pipeline.bands": "2", "pipeline.batch_bands": "false",
     "world.vehicles": "8", "serve.pipelines": "2", "serve.stage.num_gpus": "1", "serve.stage.num_cpus": "0.1",
     "serve.stage.torch_threads": "1", "serve.graceful_shutdown_s": "1.0",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(check, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 class MjpegReader(threading.Thread):
@@ -59,12 +45,16 @@ class MjpegReader(threading.Thread):
         self.url, self.indices, self.stop = url, [], threading.Event()
 
     def run(self) -> None:
-        with requests.get(self.url, stream=True, timeout=60) as r:
-            for line in r.iter_lines():
-                if self.stop.is_set():
-                    return
-                if line.startswith(b"X-Frame-Index:"):
-                    self.indices.append(int(line.split(b":")[1]))
+        try:
+            with requests.get(self.url, stream=True, timeout=60) as r:
+                for line in r.iter_lines():
+                    if self.stop.is_set():
+                        return
+                    if line.startswith(b"X-Frame-Index:"):
+                        self.indices.append(int(line.split(b":")[1]))
+        except requests.RequestException:
+            if not self.stop.is_set():
+                raise  # the stream broke while the test still watched it
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 import deployments  # noqa: E402
+from tests.waiting import eventually, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small queue (N=6 steps, T=3) so frames come out after a few rounds; one session at most, so
@@ -39,24 +38,6 @@ INSTALL_HINT = (
     "`.venv/bin/python -m pip install playwright` (or `pip install -e .[test]`); do not run "
     "`playwright install`: the test drives the system browser. `.ci/run` installs both."
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(check: Callable[[], object], what: str, timeout: float = WAIT_S):
-    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def chromium_path() -> str:

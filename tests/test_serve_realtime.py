@@ -4,7 +4,6 @@ newest state, and the fps condition follows the simulated time between a session
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -17,15 +16,10 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 import deployments  # noqa: E402
+from tests.waiting import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DT = 0.05  # s per world tick: 20 ticks per wall-clock second, faster than this CPU generates frames
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

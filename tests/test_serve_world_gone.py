@@ -10,8 +10,6 @@ goes on with that control.
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -25,26 +23,10 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 import deployments  # noqa: E402
+from tests.waiting import eventually, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(check, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_a_lost_world_is_reported_to_the_session_and_the_video_resumes(tmp_path):

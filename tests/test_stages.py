@@ -10,28 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.packed import PackedConditions
-from dwm.config import compose, instantiate
+from dwm.config import compose
 from dwm.pipelines.stages import BandStage, Phase, QueueFront, frame_shape
 from dwm.pipelines.streaming import StreamingPipeline
+from tests.driving import packed_drive
 
 FRAMES = 14
 
 
-def scene(cfg, egos: int = 1) -> list[list[PackedConditions]]:
-    world = instantiate(cfg, "world")
-    builder = ConditionBuilder.from_config(cfg)
-    ids = [world.add_ego() for _ in range(egos)]
-    for ego in ids:
-        world.set_autopilot(ego, True)
-    out = [[] for _ in ids]
-    for _ in range(FRAMES):
-        for k, ego in enumerate(ids):
-            out[k].append(PackedConditions.pack(builder.build(world.observe(ego))))
-        world.tick()
-    world.close()
-    return out
+
+def scene(cfg, egos: int = 1):
+    return packed_drive(cfg, FRAMES, egos)
 
 
 class StagedQueue:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue as queue_module
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from PIL import Image
 
 from dwm.streaming import StreamConnectionError, VideoPublisher, compose_strip, session_rtsp_url
 from dwm.streaming.encoder import ACCESS_UNIT_DELIMITER
+from tests.waiting import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 172, 912  # the reference's 3-view strip
@@ -69,12 +69,6 @@ def decode_file(path: Path) -> list[av.VideoFrame]:
 
 
 # ----------------------------------------------------------------------------- RTSP receiver
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def receive(url: str, queue: mp.Queue) -> None:
