@@ -10,8 +10,10 @@ same run on the same conditions: the single-process queue (`push_many` over ever
 with B declared GPUs, one band each; on this 2-core CPU the stages share the cores, so this
 measures the pool's cost, not a GPU's gain). Throughput: frames out per second over the timed
 rounds, all sessions. Latency: from a frame's conditions entering to its picture leaving, in
-rounds (shifts) and seconds. Hand-over: bytes per frame handed between stages, and the time
-to move one such frame through Ray's object store against one model call of a stage.
+rounds (shifts) and seconds. Hand-over: bytes per frame handed between stages; the round's
+overhead (its wall time beyond the slowest stage's own work: calling the stages and carrying
+their frames) against that work; and the time to move one such frame to another process in
+a Ray call of its own against one model call of a stage.
 """
 
 from __future__ import annotations
@@ -169,15 +171,18 @@ def main() -> None:
             single_fps, single = run_single(cfg, frames, warm)
             pool_fps, pool, handover = run_pool(cfg, frames, warm)
             rows.append((bands, sessions, single_fps, statistics.median(single.latency_s),
-                         pool_fps, statistics.median(pool.latency_s), handover["bytes_per_frame"]))
+                         pool_fps, statistics.median(pool.latency_s), handover))
             print(f"B={bands} sessions={sessions}: single {single_fps:.2f} fps, pool {pool_fps:.2f} fps", flush=True)
     nbytes, move_ms, call_ms = handover_cost(config(1, args.overrides), frames[0][0])
     print(f"\ntiny model, 3 views, N=12, T=3, {args.rounds} timed rounds; torch 1 thread per stage and in the single process; 2 CPUs")
-    print("| B | sessions | latency (shifts) | single fps | single latency s | pool fps | pool latency s | pool / single | hand-over bytes/frame |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for bands, sessions, s_fps, s_lat, p_fps, p_lat, hb in rows:
+    print("| B | sessions | latency (shifts) | single fps | single latency s | pool fps | pool latency s | pool / single "
+          "| hand-over bytes/frame | round overhead ms | slowest stage ms | overhead / stage |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for bands, sessions, s_fps, s_lat, p_fps, p_lat, h in rows:
+        hb = h["bytes_per_frame"] if bands > 1 else "-"
+        over, work = h["overhead_ms_per_round"], h["stage_work_ms_per_round"]
         print(f"| {bands} | {sessions} | {3 * bands} | {s_fps:.2f} | {s_lat:.2f} | {p_fps:.2f} | {p_lat:.2f} | "
-              f"{p_fps / s_fps:.2f} | {hb if bands > 1 else '-'} |")
+              f"{p_fps / s_fps:.2f} | {hb} | {over:.1f} | {work:.1f} | {100 * over / work:.1f}% |")
     print(f"\nhand-over of one frame: {nbytes} bytes, {move_ms:.2f} ms through the object store to another "
           f"process, against {call_ms:.1f} ms for one stage model call ({100 * move_ms / call_ms:.1f}%)")
     ray.shutdown()

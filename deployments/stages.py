@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -68,19 +69,31 @@ class StageActor:
     def close(self, session_id: str) -> None:
         self.stage.close(session_id)
 
-    def round(self, entering: dict[str, StageFrame], phases: dict[str, Phase]) -> dict:
-        return self.stage.round(entering, phases)
+    def round(self, entering: dict[str, StageFrame], phases: dict[str, Phase]) -> tuple[dict, float]:
+        """The stage's round, and the seconds it worked on it (its model calls and updates)."""
+        start = time.perf_counter()
+        out = self.stage.round(entering, phases)
+        return out, time.perf_counter() - start
 
 
 @dataclass
 class Handover:
-    """Running totals of the frames carried from one stage to the next."""
+    """Running totals of the frames carried from one stage to the next, and of what a round
+    costs beyond its slowest stage's own work (calling the stages, carrying the frames)."""
 
     frames: int = 0
     bytes: int = 0
+    rounds: int = 0
+    overhead_s: float = 0.0  # round wall time minus the slowest stage's work, summed
+    work_s: float = 0.0  # the slowest stage's work, summed
 
     def stats(self) -> dict:
-        return {"frames": self.frames, "bytes_per_frame": self.bytes // max(self.frames, 1)}
+        rounds = max(self.rounds, 1)
+        return {
+            "frames": self.frames, "bytes_per_frame": self.bytes // max(self.frames, 1), "rounds": self.rounds,
+            "overhead_ms_per_round": round(1e3 * self.overhead_s / rounds, 3),
+            "stage_work_ms_per_round": round(1e3 * self.work_s / rounds, 3),
+        }
 
 
 @dataclass
@@ -195,15 +208,21 @@ class DenoiserPool:
                 entering[entry.stage][sid] = entry.frame
                 phases[sid] = entry.phase
             waiting_by[pipeline.index] = waiting
-            calls.append((pipeline, [stage.round.remote(entering[b], phases) for b, stage in enumerate(pipeline.stages)]))
+            start = time.perf_counter()
+            calls.append((pipeline, start, [stage.round.remote(entering[b], phases) for b, stage in enumerate(pipeline.stages)]))
         out: dict[str, list[tuple[int, torch.Tensor]]] = {}
         restarted: dict[str, int] = {}
-        for pipeline, refs in calls:
+        for pipeline, start, refs in calls:
             try:
-                results = ray.get(refs)
+                answers = ray.get(refs)
             except RayActorError:
                 restarted.update(self._fail(pipeline))
                 continue
+            results = [out for out, _ in answers]
+            work = max(seconds for _, seconds in answers)
+            self.handover.rounds += 1
+            self.handover.work_s += work
+            self.handover.overhead_s += max(time.perf_counter() - start - work, 0.0)
             waiting = waiting_by[pipeline.index]
             pipeline.pending = [{**waiting[0]}] + [{**w, **r} for w, r in zip(waiting[1:], results[:-1])]
             for handed in results[:-1]:
