@@ -38,6 +38,8 @@ bench: setup
 	$(PY) -m bench.bench_loop
 	$(PY) -m bench.bench_serve
 	$(PY) -m bench.bench_model
+	$(PY) -m bench.bench_pool
+	$(PY) -m bench.bench_carla
 
 clean:
 	rm -rf $(VENV) .pytest_cache
