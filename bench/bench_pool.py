@@ -137,7 +137,6 @@ def handover_cost(cfg, frame: PackedConditions, repeats: int = 20) -> tuple[int,
         ray.get(receive.remote(handed))
         times.append(time.perf_counter() - t0)
     model = StreamingPipeline.build_model(cfg)
-    q = StreamingPipeline.from_config(cfg, 3, model=model)
     x = torch.randn(2, 3, 3, 16, 22, 38)
     ctx = model.denoiser.frame_context(frame.unpack().layout, frame.unpack().camera_params, model.text_encoder.encode(frame.captions))
     ctx = {k: v.expand(2, 3, *v.shape).contiguous() for k, v in ctx.items()}
@@ -149,7 +148,6 @@ def handover_cost(cfg, frame: PackedConditions, repeats: int = 20) -> tuple[int,
             t0 = time.perf_counter()
             model.denoiser(x, ts, ctx)
             calls.append(time.perf_counter() - t0)
-    del q
     return handed.nbytes, 1e3 * statistics.median(times), 1e3 * statistics.median(calls)
 
 

@@ -225,6 +225,19 @@ def advance_bands(
     shift.finish()
 
 
+def warmup_delays(steps_per_shift: int, window: int, bands: int) -> torch.Tensor:
+    """(B, T) long: the warm-up step at which slot (b, t) starts, s*j for slot j counted from
+    the cleanest, so that at the end of the N-step warm-up slot j sits at step N - s*j."""
+    cleanest_first = torch.arange(window * bands).view(bands, window).flip(0)  # (B, T) -> j
+    return steps_per_shift * cleanest_first
+
+
+def gathering_band(pushed: int, window: int, bands: int) -> int:
+    """The band the `pushed`-th frame (0-based, pushed < B*T) enters while the queue gathers:
+    the queue fills from the clean end, so the first frame becomes slot 0."""
+    return bands - 1 - pushed // window
+
+
 class BandedFifoQueue:
     """A session's denoising queue of L = bands * window frames.
 
@@ -274,8 +287,7 @@ class BandedFifoQueue:
         self.generator = torch.Generator(device="cpu")
         self.bands = [Band(window) for _ in range(bands)]
         # Warm-up: slot j starts s*j steps late, so it ends at index N - s*j.
-        cleanest_first = torch.arange(length).view(bands, window).flip(0)  # (B, T) -> j
-        self._warmup_delays = self.steps_per_shift * cleanest_first
+        self._warmup_delays = warmup_delays(self.steps_per_shift, window, bands)
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -338,7 +350,7 @@ class BandedFifoQueue:
         slot = Slot(noise.to(device=self.device, dtype=self.dtype), payload, 0)
         if self.warming:
             # Gathering fills the queue from the clean end: the first frame becomes slot 0.
-            self.bands[self.num_bands - 1 - self.pushed // self.window].receive(slot)
+            self.bands[gathering_band(self.pushed, self.window, self.num_bands)].receive(slot)
         else:
             self.bands[0].receive(slot)
         self.pushed += 1

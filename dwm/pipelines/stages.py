@@ -26,10 +26,10 @@ import torch
 
 from dwm.conditions.packed import PackedConditions
 from dwm.models.base import FrameContext
-from dwm.pipelines.fifo import Band, Shift, Slot
+from dwm.pipelines.fifo import Band, Shift, Slot, gathering_band, warmup_delays
 from dwm.pipelines.guidance import GuidedStep, UnconditionalContexts
 from dwm.pipelines.schedule import flow_sigmas
-from dwm.pipelines.streaming import LATENT_SCALE, ModelParts, run_shifts
+from dwm.pipelines.streaming import LATENT_SCALE, ModelParts, frame_contexts, run_shifts
 
 
 class Phase(str, Enum):
@@ -98,7 +98,7 @@ class QueueFront:
         frame = StageFrame(noise, 0, conditions, self._text)
         if k < self.length:  # gathering fills the queue from the clean end
             phase = Phase.WARM_UP if k == self.length - 1 else Phase.GATHER
-            return Entry(self.bands - 1 - k // self.window, frame, phase)
+            return Entry(gathering_band(k, self.window, self.bands), frame, phase)
         return Entry(0, frame, Phase.RUN)
 
 
@@ -143,9 +143,7 @@ class BandStage:
         self.sigmas = flow_sigmas(steps, shift, train_steps)
         self.resolution = tuple(int(n) for n in resolution)
         self.device, self.dtype, self.batch_sessions = torch.device(device), dtype, batch_sessions
-        # This band's row of the queue's warm-up delays: slot j starts s*j steps late.
-        cleanest_first = torch.arange(window * bands).view(bands, window).flip(0)
-        self.warmup_delays = (self.steps_per_shift * cleanest_first)[band]  # (T,)
+        self.warmup_delays = warmup_delays(self.steps_per_shift, window, bands)[band]  # (T,)
         self.unconditional = UnconditionalContexts(model.denoiser, model.text_encoder) if guidance != 1.0 else None
         self.sessions: dict[str, _SessionBand] = {}
 
@@ -162,12 +160,11 @@ class BandStage:
     @torch.inference_mode()
     def _payload(self, frame: StageFrame) -> StagePayload:
         """The frame's contexts on this device, built once as it enters the band."""
-        conditions = frame.conditions.unpack()
-        layout = conditions.layout.to(self.device, self.dtype)
-        camera = conditions.camera_params.to(self.device, self.dtype)
         text = self.model.text_encoder.encode(list(frame.text))
-        cond = self.model.denoiser.frame_context(layout, camera, text)
-        uncond = self.unconditional(camera, self.resolution) if self.unconditional else None
+        cond, uncond = frame_contexts(
+            self.model.denoiser, self.unconditional, frame.conditions.unpack(), text,
+            self.resolution, self.device, self.dtype,
+        )
         return StagePayload(cond, uncond, frame.conditions, frame.text)
 
     @torch.inference_mode()

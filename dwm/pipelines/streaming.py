@@ -71,6 +71,24 @@ def model_dtype(cfg: DictConfig) -> torch.dtype:
     return _dtype(cfg.model.dtype)
 
 
+def frame_contexts(
+    denoiser: Denoiser,
+    unconditional: UnconditionalContexts | None,
+    frame: ConditionFrame,
+    text: TextEmbedding,
+    resolution: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[FrameContext, FrameContext | None]:
+    """A frame's conditional context (layout features, prompt and camera embeddings) and its
+    unconditional one (None without guidance), on `device` in `dtype`: the per-frame work,
+    done once in the frame's life on the device that steps it."""
+    layout = frame.layout.to(device, dtype)
+    camera = frame.camera_params.to(device, dtype)
+    cond = denoiser.frame_context(layout, camera, text)
+    return cond, unconditional(camera, resolution) if unconditional else None
+
+
 class StreamingPipeline:
     """The denoising queue of one session with the model around it.
 
@@ -126,7 +144,7 @@ class StreamingPipeline:
     def build_model(cfg: DictConfig) -> ModelParts:
         """The model components of `cfg.model` on `cfg.device`; several pipelines (driving
         sessions) can share them, each keeping its own queue."""
-        device, dtype = torch.device(cfg.device), _dtype(cfg.model.dtype)
+        device, dtype = torch.device(cfg.device), model_dtype(cfg)
         denoiser = build_denoiser(cfg, device, dtype)
         return ModelParts(denoiser, instantiate(cfg, "model.text_encoder"), instantiate(cfg, "model.vae").to(device))
 
@@ -137,7 +155,9 @@ class StreamingPipeline:
         """The queue of `cfg.pipeline` around the model of `cfg.model` (built here unless
         `model` gives shared components). seed: the queue's noise; default `cfg.seed`."""
         p = cfg.pipeline
-        device, dtype = torch.device(cfg.device), _dtype(cfg.model.dtype)
+        if not isinstance(p.batch_bands, bool):
+            raise ConfigError(f"pipeline.batch_bands={p.batch_bands}: must be true or false")
+        device, dtype = torch.device(cfg.device), model_dtype(cfg)
         model = model or cls.build_model(cfg)
         try:
             return cls(
@@ -175,11 +195,10 @@ class StreamingPipeline:
 
     def _begin(self, frame: ConditionFrame) -> Shift | None:
         """The per-frame work of a push (text, frame contexts) and the queue's shift to run."""
-        layout = frame.layout.to(self.device, self.dtype)
-        camera = frame.camera_params.to(self.device, self.dtype)
         text = self._text_embedding(frame.captions)
-        cond = self.denoiser.frame_context(layout, camera, text)
-        uncond = self.unconditional(camera, self.resolution) if self.unconditional else None
+        cond, uncond = frame_contexts(
+            self.denoiser, self.unconditional, frame, text, self.resolution, self.device, self.dtype
+        )
         self.frames_in += 1
         return self.queue.begin_push(QueuedFrame(cond, uncond, frame))
 
@@ -193,7 +212,6 @@ class StreamingPipeline:
         self.queue.reset()
         self._text = None
         self.frames_in = self.frames_out = 0
-
 
 
 @torch.inference_mode()
