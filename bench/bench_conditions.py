@@ -1,8 +1,9 @@
 """Conditions of one frame: the vectorised ConditionBuilder against a per-segment loop.
 
 The loop is the reference's way (one Python iteration per box edge and per map segment:
-project both ends, clip to the depth planes, draw with one cv2.line call), on the same rig,
-the same synthetic highway scene and the same resize, so both must draw the same pixels.
+project both ends, clip to the depth planes, draw with one PIL `ImageDraw.line(width=3)`
+call, the reference's own drawing call), on the same rig, the same synthetic highway scene
+and the same resize, so both must draw the same pixels.
 
     .venv/bin/python -m bench.bench_conditions [--repeats 50] [--rig nusc_3views]
 """
@@ -14,10 +15,10 @@ import pathlib
 import statistics
 import time
 
-import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
 
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.colours import BOX_COLOURS, MAP_COLOURS
@@ -64,7 +65,7 @@ def highway_scene(seed: int = 0, half_length: float = 120.0, boxes: int = 25) ->
         sim_time=0.0,
         ego_pose=ego_pose,
         ego_speed=25.0,
-        boxes=Boxes(centers, sizes, yaws, categories),
+        boxes=Boxes.upright(centers, sizes, yaws, categories),
         map_lines=lines,
         weather=Weather(),
         environment="A multi-lane highway.",
@@ -75,9 +76,9 @@ class PerSegmentLoop:
     """The reference's renderer shape: a Python iteration per box edge and per map segment.
 
     bulk_transform=False: each iteration moves both ends into the camera, clips, divides and
-    draws (one cv2.line). bulk_transform=True: as the reference's own renderer, all points
-    of a view go into the camera with one matrix product first, and the loop only clips,
-    divides and draws.
+    draws (one PIL `ImageDraw.line`, as the reference). bulk_transform=True: as the reference's
+    own renderer, all points of a view go into the camera with one matrix product first, and
+    the loop only clips, divides and draws.
     """
 
     def __init__(self, builder: ConditionBuilder, bulk_transform: bool):
@@ -98,7 +99,7 @@ class PerSegmentLoop:
 
     @staticmethod
     def _clip_window(p, q, width, height):
-        # Scalar Liang-Barsky to the window the vectorised path uses (cv2 needs int32 ends).
+        # Scalar Liang-Barsky to the window the vectorised path uses (PIL casts ends to int).
         t0, t1, d = 0.0, 1.0, q - p
         for axis, lo, hi in ((0, -width, 2 * width), (1, -height, 2 * height)):
             for num, den in ((p[axis] - lo, -d[axis]), (hi - p[axis], d[axis])):
@@ -115,7 +116,7 @@ class PerSegmentLoop:
             return None
         return p + t0 * d, p + t1 * d
 
-    def _line(self, canvas, a, b, near, far, colour):
+    def _line(self, draw: ImageDraw.ImageDraw, a, b, near, far, colour):
         """a, b: homogeneous pixels (u z, v z, z) of the two ends."""
         clipped = self._clip_depth(a, b, near, far)
         if clipped is None:
@@ -126,19 +127,19 @@ class PerSegmentLoop:
         if clipped is None:
             return
         p, q = clipped
-        cv2.line(canvas, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), colour, self.b.line_thickness, cv2.LINE_8)
+        draw.line([(p[0], p[1]), (q[0], q[1])], fill=tuple(colour), width=self.b.pen_width)  # PIL truncates
 
     def render(self, obs: Observation) -> np.ndarray:
         b, rig = self.b, self.b.rig
         width, height = rig.image_size
-        canvases = np.zeros((2, rig.num_views, height, width, 3), dtype=np.uint8)
-        corners = box_corners(obs.boxes.centers, obs.boxes.sizes, obs.boxes.yaws)  # (N, 8, 3)
+        images = [[Image.new("RGB", (width, height)) for _ in range(rig.num_views)] for _ in range(2)]
+        corners = box_corners(obs.boxes.centers, obs.boxes.sizes, obs.boxes.rotations)  # (N, 8, 3)
         lines = obs.map_lines
-        palette = list(dict.fromkeys(BOX_COLOURS.values()))
-        box_order = sorted(range(len(obs.boxes)), key=lambda i: palette.index(BOX_COLOURS[obs.boxes.categories[i]]))
+        box_order = [i for i, name in enumerate(obs.boxes.categories) if name in BOX_COLOURS]  # actor order
         kind_order = {int(kind): i for i, kind in enumerate(MAP_COLOURS)}
         map_order = sorted(range(len(lines)), key=lambda i: kind_order[int(lines.kinds[i])])
         for view in range(rig.num_views):
+            draw_boxes, draw_map = ImageDraw.Draw(images[0][view]), ImageDraw.Draw(images[1][view])
             world_from_camera = obs.ego_pose @ rig.ego_from_camera[view]
             pixels_from_world = rig.intrinsics[view] @ np.linalg.inv(world_from_camera)[:3]  # (3, 4)
             m, t = pixels_from_world[:, :3], pixels_from_world[:, 3]
@@ -146,8 +147,7 @@ class PerSegmentLoop:
                 box_points = corners @ m.T + t
                 starts, ends = lines.starts @ m.T + t, lines.ends @ m.T + t
             for i in box_order:
-                ground = obs.boxes.centers[i] - [0.0, 0.0, obs.boxes.sizes[i, 2] / 2]
-                if np.linalg.norm(ground - world_from_camera[:3, 3]) > b.box_max_distance:
+                if np.linalg.norm(obs.boxes.origins[i] - world_from_camera[:3, 3]) > b.box_max_distance:
                     continue
                 colour = BOX_COLOURS[obs.boxes.categories[i]]
                 for e0, e1 in BOX_EDGES:
@@ -155,15 +155,15 @@ class PerSegmentLoop:
                         p, q = box_points[i, e0], box_points[i, e1]
                     else:
                         p, q = m @ corners[i, e0] + t, m @ corners[i, e1] + t
-                    self._line(canvases[0, view], p, q, b.near_depth, b.box_far_depth, colour)
+                    self._line(draw_boxes, p, q, b.near_depth, b.box_far_depth, colour)
             for i in map_order:
                 colour = MAP_COLOURS[MapKind(int(lines.kinds[i]))]
                 if self.bulk_transform:
                     p, q = starts[i], ends[i]
                 else:
                     p, q = m @ lines.starts[i] + t, m @ lines.ends[i] + t
-                self._line(canvases[1, view], p, q, b.near_depth, b.map_far_depth, colour)
-        return canvases
+                self._line(draw_map, p, q, b.near_depth, b.map_far_depth, colour)
+        return np.stack([np.stack([np.asarray(image) for image in kind]) for kind in images])
 
     def build(self, obs: Observation) -> torch.Tensor:
         canvases = self.render(obs)
@@ -190,7 +190,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rig = OmegaConf.load(CONF / "rig" / f"{args.rig}.yaml")
-    cfg = OmegaConf.create({"rig": rig, "pipeline": OmegaConf.load(CONF / "pipeline" / "default.yaml")})
+    pipeline = OmegaConf.load(CONF / "pipeline" / "default.yaml")
+    cfg = OmegaConf.create({"rig": rig, "pipeline": pipeline, "world": {"dt": 0.1}})  # a 10 Hz world
     builder = ConditionBuilder.from_config(cfg)
     loops = {
         "loop, projection per segment": PerSegmentLoop(builder, bulk_transform=False),

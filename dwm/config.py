@@ -6,6 +6,7 @@ take the same `key=value` overrides.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -106,3 +107,51 @@ def require_file(cfg: DictConfig, key: str) -> Path:
     if not path.exists():
         raise ConfigError(f"{key}={value}: no such file or folder")
     return path
+
+
+# The config keys that hold a world's tick (s of simulation time per tick), by backend:
+# the embedded world's `dt`, Carla's synchronous-mode `fixed_delta_seconds`.
+WORLD_TICK_KEYS = ("dt", "fixed_delta_seconds")
+
+
+def world_tick(cfg: Mapping) -> tuple[str, float]:
+    """(`world.<key>`, seconds) of the world's tick in a composed config (a DictConfig or a
+    plain dict of one); ConfigError when the world node names no tick."""
+    world = cfg.get("world") if isinstance(cfg, Mapping) else None
+    if not isinstance(world, Mapping):
+        raise ConfigError("world: missing from the config; the fps condition follows its tick")
+    for key in WORLD_TICK_KEYS:
+        value = world.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"world.{key}={value}: must be a positive number of seconds per tick")
+        return f"world.{key}", float(value)
+    raise ConfigError(f"world: has no tick ({' or '.join('world.' + k for k in WORLD_TICK_KEYS)}); "
+                      "the fps condition follows it")
+
+
+def condition_fps(cfg: Mapping) -> float:
+    """The fps camera scalar, frames per second, of a composed config: 1 / the world's tick.
+
+    In lockstep every generated frame is one world tick, so the model must be told the rate at
+    which its frames are apart in simulated time. `pipeline.fps` null (the default) follows
+    the world; an explicit value must agree with it (it documents the rate, it cannot change
+    it) or the start is refused, naming both numbers. The realtime clock starts from this
+    value and then follows the simulated time between a session's frames.
+    """
+    key, tick = world_tick(cfg)
+    world_fps = 1.0 / tick
+    pipeline = cfg.get("pipeline")
+    fps = pipeline.get("fps") if isinstance(pipeline, Mapping) else None
+    if fps is None:
+        return world_fps
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise ConfigError(f"pipeline.fps={fps}: must be a positive number, or null (follows the world's tick)")
+    if not math.isclose(float(fps), world_fps, rel_tol=1e-6):
+        shown = round(world_fps, 6)
+        raise ConfigError(
+            f"pipeline.fps={float(fps)} disagrees with the world's tick: {key}={tick} s is {shown} fps; "
+            f"set pipeline.fps=null (follows the world) or {shown}"
+        )
+    return world_fps

@@ -33,7 +33,8 @@ def to_carla(x: float, y: float, z: float, yaw: float):
 @pytest.fixture
 def builder() -> ConditionBuilder:
     cfg = OmegaConf.create({"rig": OmegaConf.load(CONF / "rig" / "nusc_3views.yaml"),
-                            "pipeline": OmegaConf.load(CONF / "pipeline" / "default.yaml")})
+                            "pipeline": OmegaConf.load(CONF / "pipeline" / "default.yaml"),
+                            "world": OmegaConf.load(CONF / "world" / "carla.yaml")})
     return ConditionBuilder.from_config(cfg)
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 carla = pytest.importorskip("carla")
 
-from dwm.conditions.carla_pose import (  # noqa: E402
+from dwm.world.carla_pose import (  # noqa: E402
     CENTRE_FROM_REAR_AXLE,
     FLIP_Y,
     OPENCV_FROM_X_FORWARD,

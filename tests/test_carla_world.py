@@ -283,7 +283,7 @@ def test_without_the_carla_package_the_error_says_how_to_install(monkeypatch):
 
 
 def test_carla_check_drives_draws_and_cleans_up(server, tmp_path, capsys):
-    from dwm.world.carla_check import main
+    from dwm.carla_check import main
 
     out = tmp_path / "check.png"
     assert main(["--host", "127.0.0.1", "--port", "2000", "--frames", "5", "--out", str(out), "--cameras",

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.caption import caption, time_of_day, weather_words
-from dwm.conditions.carla_pose import carla_transform_matrix, world_from_carla_vehicle
+from dwm.world.carla_pose import carla_transform_matrix, world_from_carla_vehicle
 from dwm.conditions.frame import CAMERA_PARAM_NAMES
 from dwm.conditions.projection import BOX_EDGES, box_corners, clip_segments, project_segments
 from dwm.conditions.raster import resize_layouts
@@ -34,7 +34,8 @@ def rig_node(name: str):
 @pytest.fixture(scope="module")
 def builder3() -> ConditionBuilder:
     pipeline = OmegaConf.load(CONF / "pipeline" / "default.yaml")
-    cfg = OmegaConf.create({"rig": rig_node("nusc_3views"), "pipeline": pipeline})
+    world = OmegaConf.load(CONF / "world" / "embedded.yaml")
+    cfg = OmegaConf.create({"rig": rig_node("nusc_3views"), "pipeline": pipeline, "world": {"dt": world.dt}})
     return ConditionBuilder.from_config(cfg)
 
 
@@ -50,7 +51,7 @@ def boxes(*items) -> Boxes:
     cats = [c for c, _, _ in items]
     sizes = np.array([s for _, _, s in items], dtype=float)
     centers = np.array([[x, y, s[2] / 2] for _, (x, y), s in items], dtype=float)
-    return Boxes(centers, sizes, np.zeros(len(items)), cats)
+    return Boxes.upright(centers, sizes, np.zeros(len(items)), cats)
 
 
 def lines(*items) -> MapLines:
@@ -195,7 +196,8 @@ def test_lines_left_of_the_ego_project_left_of_centre(builder3):
 
 
 def test_box_corners_and_heading_diagonals_follow_the_reference_order():
-    corners = box_corners(np.zeros((2, 3)), np.array([[4.0, 2.0, 1.0]] * 2), np.array([0.0, math.pi / 2]))
+    upright = Boxes.upright(np.zeros((2, 3)), [[4.0, 2.0, 1.0]] * 2, [0.0, math.pi / 2], ["car", "car"])
+    corners = box_corners(upright.centers, upright.sizes, upright.rotations)
     # Corner 6 is front-left-bottom, corner 1 back-right-top (bits x, y, z; +y is left).
     np.testing.assert_allclose(corners[0, 6], [2.0, 1.0, -0.5])
     np.testing.assert_allclose(corners[0, 1], [-2.0, -1.0, 0.5])
@@ -380,6 +382,6 @@ def test_bad_rig_and_observation_inputs_say_what_is_wrong(builder3):
     bad_kind = MapLines(np.zeros((1, 3)), np.ones((1, 3)), np.array([7]))
     with pytest.raises(ValueError, match=r"\[7\].*allowed: 0 \(LANE_LINE\)"):
         builder3.build(observe(line_list=bad_kind))
-    bad_boxes = Boxes(np.zeros((2, 3)), np.ones((1, 3)), np.zeros(2), ["car", "car"])
+    bad_boxes = Boxes(np.zeros((2, 3)), np.ones((1, 3)), np.tile(np.eye(3), (2, 1, 1)), np.zeros((2, 3)), ["car", "car"])
     with pytest.raises(ValueError, match="sizes"):
         builder3.build(observe(bad_boxes))

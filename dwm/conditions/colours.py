@@ -22,9 +22,10 @@ BOX_COLOURS: dict[str, RGB] = {
     "truck": (255, 255, 0),
 }
 
-# Map kinds in drawing order: later kinds paint over earlier ones (crosswalks on top).
+# Map kinds in the reference's drawing order: road edges (curbs), then lane lines, then
+# crosswalks; later kinds paint over earlier ones, so lane green lies over curb blue.
 MAP_COLOURS: dict[MapKind, RGB] = {
-    MapKind.LANE_LINE: (0, 255, 0),
     MapKind.ROAD_EDGE: (0, 0, 255),
+    MapKind.LANE_LINE: (0, 255, 0),
     MapKind.CROSSWALK: (255, 0, 0),
 }

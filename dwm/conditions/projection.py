@@ -16,13 +16,11 @@ BOX_EDGES = np.array(
 )
 
 
-def box_corners(centers: np.ndarray, sizes: np.ndarray, yaws: np.ndarray) -> np.ndarray:
-    """(N, 8, 3) world corners of upright boxes: centres (N, 3) m, full sizes (N, 3) m
-    (length, width, height), yaws (N,) rad about +z."""
-    local = CORNER_SIGNS[None] * (0.5 * sizes)[:, None, :]  # (N, 8, 3)
-    c, s = np.cos(yaws)[:, None], np.sin(yaws)[:, None]
-    x, y = local[..., 0], local[..., 1]
-    return np.stack([c * x - s * y, s * x + c * y, local[..., 2]], axis=-1) + centers[:, None, :]
+def box_corners(centers: np.ndarray, sizes: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """(N, 8, 3) world corners of oriented boxes: centres (N, 3) m, full sizes (N, 3) m
+    (length, width, height along the box's x, y, z), rotations (N, 3, 3) world <- box."""
+    local = CORNER_SIGNS[None] * (0.5 * sizes)[:, None, :]  # (N, 8, 3), box frame
+    return local @ rotations.transpose(0, 2, 1) + centers[:, None, :]
 
 
 def transform_points(transform: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -1,19 +1,18 @@
-"""Drawing projected segments with OpenCV and resizing layouts to the model resolution."""
+"""Drawing projected segments and resizing layouts to the model resolution.
+
+`draw_lines` draws as the reference does, pixel for pixel: PIL's `ImageDraw.line(width=3)`,
+one segment after another (Pillow's libImaging/Draw.c rule, vectorised).
+"""
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dwm.conditions.projection import clip_segments
 
-# cv2 thickness 2 draws lines 3 px across, which is what the reference's PIL
-# `ImageDraw.line(width=3)` draws at 640x360; cv2 thickness 3 draws 5 px. Measured on random
-# segments after the resize to 304 px: mean abs difference 2.1/255 for thickness 2 with
-# truncated coordinates (PIL truncates), 12.3/255 for thickness 3, 4.3/255 for LINE_AA.
-LINE_THICKNESS = 2
+PEN_WIDTH = 3  # px at the native image size: the reference's ImageDraw.line(width=3)
 
 
 def clip_to_window(
@@ -23,7 +22,7 @@ def clip_to_window(
 
     Segments whose bounding box misses the image grown by `margin` px (the pen's reach) are
     left out: they draw nothing. Near-plane clipping can put ends millions of pixels away,
-    which would overflow OpenCV's fixed-point coordinates, so the others have their ends
+    far past where integer pixel maths is safe, so the others have their ends
     moved along the segment into a window one image larger on each side (the direction is
     kept; a moved end is off-image). Returns (index (m,) into the input, p0', p1' (m, 2)).
     """
@@ -44,36 +43,159 @@ def visible_in_image(p0: np.ndarray, p1: np.ndarray, width: int, height: int):
     return clip_segments(p0, p1, (0.0, 0.0), (float(width), float(height)), axes=(0, 1))
 
 
-def draw_segments(canvas: np.ndarray, p0: np.ndarray, p1: np.ndarray, colour, thickness: int) -> None:
-    """Draw n segments p0 (n, 2) -> p1 (n, 2), pixels inside `clip_to_window`'s window, on an
-    (H, W, 3) uint8 canvas in place, with one OpenCV call."""
-    if len(p0) == 0:
-        return
-    # (n, 2, 2) int32: OpenCV takes it as n two-point polylines. astype truncates, as PIL does.
-    segments = np.stack([p0, p1], axis=1).astype(np.int32)
-    cv2.polylines(canvas, segments, False, colour, thickness, cv2.LINE_8)
+def _round_up(f: np.ndarray) -> np.ndarray:
+    return (np.sign(f) * np.floor(np.abs(f) + np.float32(0.5))).astype(np.int64)
 
 
-def draw_grouped(
+def _round_down(f: np.ndarray) -> np.ndarray:
+    return (np.sign(f) * np.ceil(np.abs(f) - np.float32(0.5))).astype(np.int64)
+
+
+def _pen_quads(q0: np.ndarray, q1: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's `ImagingDrawWideLine` outline of segments q0 -> q1 (n, 2) int px (not of zero
+    length): x and y (n, 4) int of its four vertices, in its order (a parallelogram)."""
+    x0, y0, x1, y1 = q0[:, 0], q0[:, 1], q1[:, 0], q1[:, 1]
+    dx, dy = (x1 - x0).astype(np.float64), (y1 - y0).astype(np.float64)
+    length = np.hypot(dx, dy)
+    half = np.float64((width - 1) / 2.0)
+    # Pillow: ratio_min, ratio_max = ROUND_DOWN(half), ROUND_UP(half) / length, and the offsets
+    # dxmin = ROUND_DOWN(ratio_min * dy), dymin = ROUND_DOWN(ratio_min * dx), ..., all in double.
+    small, big = _round_down(half) / length, _round_up(half) / length
+    dx_min, dy_min = _round_down(small * dy), _round_down(small * dx)
+    dx_max, dy_max = _round_down(big * dy), _round_down(big * dx)
+    xs = np.stack([x0 - dx_min, x1 - dx_min, x1 + dx_max, x0 + dx_max], axis=1)
+    ys = np.stack([y0 + dy_max, y1 + dy_max, y1 - dy_min, y0 - dy_min], axis=1)
+    return xs, ys
+
+
+def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For items with counts (n,) >= 0: (item (m,), k (m,)), k = 0..counts[item]-1, m = sum."""
+    item = np.repeat(np.arange(len(counts)), counts)
+    k = np.arange(len(item)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return item, k
+
+
+def _quad_spans(xs: np.ndarray, ys: np.ndarray, height: int) -> tuple[np.ndarray, ...]:
+    """Pillow's scanline fill (`polygon_generic`) of pen quads with vertices xs, ys (n, 4) int px,
+    on rows 0..height-1.
+
+    Pillow meets edge k (vertex k -> k+1) on row y at x = (y - y_k) * slope_k + x_k in float32
+    and fills from ROUND_UP of the leftmost crossing to ROUND_DOWN of the rightmost (a
+    horizontal edge counts its two ends). The quads are parallelograms (y_k + y_k+2 is the
+    same for both diagonals), so the top vertex t faces the bottom one t+2 and each row meets
+    one edge of each side, t -> t+1 -> t+2 and t -> t+3 -> t+2 (on a vertex's row both edges
+    of that side give the vertex's x, up to float32 rounding that rounds away).
+    Returns (quad, y, x_first, x_last), each (m,) int, one per row of each quad; x not yet
+    clipped, x_first > x_last draws nothing.
+    """
+    n = len(xs)
+    # Per edge k = 0..6 of quad q (edge k runs vertex k -> k+1, vertex k+4 is vertex k) at
+    # 7 q + k, so that edges t .. t+3 need no wrapping; float32 as Pillow keeps them.
+    top = ys.argmin(axis=1)
+    xs, ys = np.concatenate([xs, xs], axis=1), np.concatenate([ys, ys], axis=1)  # (n, 8)
+    rise = ys[:, 1:] - ys[:, :-1]
+    run = (xs[:, 1:] - xs[:, :-1]).astype(np.float32)
+    slope = (run / np.where(rise == 0, 1, rise).astype(np.float32)).ravel()  # 0 if horizontal
+    x_start, y_start = xs[:, :-1].astype(np.float32).ravel(), ys[:, :-1].astype(np.float32).ravel()
+    vertex = 8 * np.arange(n) + top
+    y_top, y_down, y_bottom, y_up = (ys.ravel().take(vertex + i) for i in range(4))  # vertices t .. t+3
+    first = np.maximum(y_top, 0)
+    quad, k = _expand(np.maximum(np.minimum(y_bottom, height - 1) - first + 1, 0))
+    y = first.take(quad) + k
+    row = y.astype(np.float32)
+    # Each side's edge on the row; a horizontal edge is met at its start, the row of vertex t+1
+    # (down) or t+3 (up), where it gives that vertex. (`take` is numpy's fastest gather.)
+    edge = (7 * np.arange(n) + top).take(quad)
+    down = edge + (y >= y_down.take(quad))  # side t -> t+1 -> t+2: edge t, then t+1
+    up = edge + 3 - (y > y_up.take(quad))  # side t -> t+3 -> t+2: edge t+3, then t+2
+    x_down = (row - y_start.take(down)) * slope.take(down) + x_start.take(down)  # float32, as Pillow
+    x_up = (row - y_start.take(up)) * slope.take(up) + x_start.take(up)
+    return quad, y, _round_up(np.minimum(x_down, x_up)), _round_down(np.maximum(x_down, x_up))
+
+
+def _thin_points(q0: np.ndarray, q1: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Pillow's width-1 line (Bresenham, `line32`, plus the end point ImageDraw adds): the
+    pixels of segments q0 -> q1 (n, 2) int px as (segment, y, x, x), each (m,)."""
+    d = q1 - q0
+    major = np.abs(d).max(axis=1)
+    segment, i = _expand(major + 1)
+    d, major, q0 = d[segment], major[segment], q0[segment]
+    # Along the major axis one pixel a step; the minor axis moves by round-half-up(i * minor / major).
+    step = (2 * np.abs(d) * i[:, None] + major[:, None]) // (2 * np.maximum(major, 1))[:, None]
+    xy = q0 + np.sign(d) * np.where(np.abs(d) == major[:, None], i[:, None], step)
+    return segment, xy[:, 1], xy[:, 0], xy[:, 0]
+
+
+def draw_lines(
     canvases: np.ndarray,
     views: np.ndarray,
-    groups: np.ndarray,
+    ranks: np.ndarray,
     p0: np.ndarray,
     p1: np.ndarray,
-    colours: list,
-    thickness: int,
+    colours: np.ndarray,
+    width: int = PEN_WIDTH,
 ) -> None:
-    """Draw segments p0 -> p1 (n, 2) on canvases (V, H, W, 3): segment i on view views[i] in
-    colours[groups[i]]. Groups are drawn in increasing order (later ones paint over earlier
-    ones), one OpenCV call per (group, view) present."""
-    if len(views) == 0:
+    """Draw segments p0 -> p1 (n, 2) float px on canvases (V, H, W, 3) uint8 in place, each as PIL's
+    ImageDraw.line(width) draws it (ends truncated to int as PIL does); segment i goes on view views[i]
+    in colours[ranks[i]] (colours (K, 3) uint8 RGB). Where segments overlap, the higher rank is on
+    top, as if PIL painted them one by one in increasing rank (equal ranks share a colour, so their
+    order does not matter).
+
+    views (n,) int in [0, V); ranks (n,) int in [0, K); width px >= 1. The ends may lie anywhere
+    in `clip_to_window`'s window (up to one image size beyond each side): the part of a line
+    inside the image is drawn.
+
+    How, with no loop over segments: each segment's pen quad (Pillow's four integer vertices),
+    then one span per (segment, image row) from Pillow's float32 edge crossings and rounding,
+    clipped to the image, then the spans' pixels, each taking the highest rank that covers it.
+    Width 1 is Pillow's Bresenham line instead, end point included.
+    """
+    if len(p0) == 0:
         return
-    key = groups * len(canvases) + views
-    order = np.argsort(key, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0])
-    for chunk in np.split(order, starts[1:]):
-        group, view = divmod(int(key[chunk[0]]), len(canvases))
-        draw_segments(canvases[view], p0[chunk], p1[chunk], colours[group], thickness)
+    views, ranks = np.asarray(views), np.asarray(ranks)
+    if ranks.min() < 0 or ranks.max() >= len(colours):
+        raise ValueError(f"ranks must index the {len(colours)} colours, got {ranks.min()}..{ranks.max()}")
+    q0, q1 = np.asarray(p0).astype(np.int64), np.asarray(p1).astype(np.int64)  # truncation, as PIL
+    if width <= 1:
+        segment, y, x_first, x_last = _thin_points(q0, q1)
+    else:
+        wide = np.flatnonzero((q0 != q1).any(axis=1))
+        dot = np.flatnonzero((q0 == q1).all(axis=1))  # zero length: Pillow draws its one point
+        quad, y, x_first, x_last = _quad_spans(*_pen_quads(q0[wide], q1[wide], width), canvases.shape[1])
+        segment = np.concatenate([wide[quad], dot])
+        y = np.concatenate([y, q0[dot, 1]])
+        x_first = np.concatenate([x_first, q0[dot, 0]])
+        x_last = np.concatenate([x_last, q0[dot, 0]])
+    _paint(canvases, views.take(segment), ranks.take(segment), y, x_first, x_last, colours)
+
+
+def _paint(canvases, views, ranks, y, x_first, x_last, colours) -> None:
+    """Paint spans (row y, columns x_first..x_last, each (m,) int) on canvases (V, H, W, 3) in
+    colours[rank], the highest rank on top; spans are clipped to the image here.
+
+    Per-pixel arrays are updated in place: fresh big temporaries cost page faults.
+    """
+    if not canvases.flags.c_contiguous:
+        raise ValueError("canvases must be C-contiguous (they are painted through a flat view)")
+    n_views, height, width = canvases.shape[:3]
+    x_first = np.maximum(x_first, 0)
+    counts = np.where((y >= 0) & (y < height), np.maximum(np.minimum(x_last, width - 1) - x_first + 1, 0), 0)
+    # Pixels of the spans, (p,) flat indices into (V, H, W): span start + 0, 1, ..., count - 1.
+    start = (views * height + y) * width + x_first - (np.cumsum(counts) - counts)
+    pixel = np.repeat(start, counts)  # intp: numpy's scatters take it without a cast
+    pixel += np.arange(len(pixel))
+    # The highest rank + 1 per pixel (0: untouched), in the smallest type that holds it: a
+    # fresh zeroed buffer costs only the pages it touches.
+    label = np.uint8 if len(colours) < 255 else np.uint16 if len(colours) < 65535 else np.uint32
+    top = np.zeros(n_views * height * width, dtype=label)
+    np.maximum.at(top, pixel, np.repeat((ranks + 1).astype(label), counts))
+    winner = top.take(pixel)  # for every (pixel, span) pair: duplicates agree
+    palette = np.zeros((3, len(colours) + 1), dtype=np.uint8)  # channel, rank + 1
+    palette[:, 1:] = np.asarray(colours, dtype=np.uint8).T
+    flat = canvases.reshape(-1)
+    pixel *= 3
+    for channel in range(3):
+        flat[channel:][pixel] = palette[channel].take(winner)
 
 
 def resize_layouts(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dwm.conditions.carla_pose import ego_from_carla_camera
+from dwm.world.carla_pose import ego_from_carla_camera
 from dwm.conditions.frame import CAMERA_PARAM_NAMES
 
 
@@ -24,14 +24,32 @@ def _numbers(value, count: int, what: str) -> list[float]:
     return numbers
 
 
+def _centred_intrinsics(fovs: np.ndarray, width: float, height: float) -> np.ndarray:
+    """(V, 3, 3) K for horizontal fovs (V,) deg: f = W / (2 tan(fov / 2)), square pixels,
+    principal point at the image centre (Carla's cameras, the reference's formula)."""
+    focal = width / (2.0 * np.tan(np.radians(fovs) / 2.0))  # (V,) px
+    intrinsics = np.zeros((len(fovs), 3, 3))
+    intrinsics[:, 0, 0] = focal
+    intrinsics[:, 1, 1] = focal
+    intrinsics[:, 0, 2] = width / 2.0
+    intrinsics[:, 1, 2] = height / 2.0
+    intrinsics[:, 2, 2] = 1.0
+    return intrinsics
+
+
 @dataclass(frozen=True)
 class CameraRig:
     """V pinhole cameras on the ego car, in the view order of the rig config.
 
     image_size: native (W, H) in pixels, where the intrinsics hold and layouts are drawn.
-    fovs: (V,) horizontal field of view, degrees.
-    intrinsics: (V, 3, 3), f = W / (2 tan(fov / 2)), principal point at the image centre.
+    fovs: (V,) horizontal field of view, degrees (of the full image width).
+    intrinsics: (V, 3, 3) pinhole K at the native size; from a fov, f = W / (2 tan(fov / 2))
+        with the principal point at the image centre (the reference's Carla cameras).
     ego_from_camera: (V, 4, 4), rear-axle ego (right-handed) <- OpenCV camera, metres.
+
+    Three ways to build one: `from_config` (a rig config: fovs and Carla vehicle poses),
+    `from_intrinsics` (K and ego <- camera poses, e.g. a dataset's calibration) and
+    `from_fovs` (fovs and ego <- camera poses).
     """
 
     name: str
@@ -78,21 +96,59 @@ class CameraRig:
             rotations.append(_numbers(cam["rotation"], 3, f"{where}.rotation ([pitch, yaw, roll] deg)"))
 
         fovs_arr = np.asarray(fovs)
-        focal = width / (2.0 * np.tan(np.radians(fovs_arr) / 2.0))  # (V,) px
-        intrinsics = np.zeros((len(names), 3, 3))
-        intrinsics[:, 0, 0] = focal
-        intrinsics[:, 1, 1] = focal
-        intrinsics[:, 0, 2] = width / 2.0
-        intrinsics[:, 1, 2] = height / 2.0
-        intrinsics[:, 2, 2] = 1.0
         return CameraRig(
             name=str(node.get("name", "rig")),
             names=tuple(names),
             image_size=(int(width), int(height)),
             fovs=fovs_arr,
-            intrinsics=intrinsics,
+            intrinsics=_centred_intrinsics(fovs_arr, width, height),
             ego_from_camera=ego_from_carla_camera(np.asarray(locations), np.asarray(rotations)),
         )
+
+    @staticmethod
+    def from_intrinsics(intrinsics, ego_from_camera, image_size, names=None, name: str = "rig") -> "CameraRig":
+        """V cameras from pinhole K (V, 3, 3) px at `image_size` (W, H) and their poses
+        ego_from_camera (V, 4, 4) (rear-axle ego, x forward y left z up <- OpenCV camera, m).
+        The principal point may be anywhere; names default to CAM_0, CAM_1, ..."""
+        k = np.asarray(intrinsics, dtype=np.float64)
+        poses = np.asarray(ego_from_camera, dtype=np.float64)
+        if k.ndim != 3 or k.shape[1:] != (3, 3) or poses.shape != (len(k), 4, 4):
+            raise ValueError(f"need intrinsics (V, 3, 3) and ego_from_camera (V, 4, 4), got {k.shape} and {poses.shape}")
+        if not (np.isfinite(k).all() and np.isfinite(poses).all()):
+            raise ValueError("intrinsics and ego_from_camera must be finite")
+        if not (np.allclose(k[:, 2], [0.0, 0.0, 1.0]) and np.allclose(k[:, 1, 0], 0.0) and (k[:, 0, 0] > 0).all()
+                and (k[:, 1, 1] > 0).all()):
+            raise ValueError("intrinsics must be pinhole matrices [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0")
+        rotations = poses[:, :3, :3]
+        if not np.allclose(rotations @ rotations.transpose(0, 2, 1), np.eye(3), atol=1e-6) or not np.allclose(
+            np.linalg.det(rotations), 1.0, atol=1e-6
+        ):
+            raise ValueError("ego_from_camera must be rigid transforms (rotation part orthonormal, det +1)")
+        width, height = _numbers(list(image_size), 2, "image_size ([W, H] in pixels)")
+        if width <= 0 or height <= 0 or width != int(width) or height != int(height):
+            raise ValueError(f"image_size must be two positive integers [W, H], got {list(image_size)}")
+        names = tuple(str(n) for n in names) if names is not None else tuple(f"CAM_{i}" for i in range(len(k)))
+        if len(names) != len(k) or len(set(names)) != len(names):
+            raise ValueError(f"need {len(k)} unique camera names, got {list(names)}")
+        # Horizontal fov of the whole width with this principal point (make_carla_cameras' rule).
+        fovs = np.degrees(np.arctan(k[:, 0, 2] / k[:, 0, 0]) + np.arctan((width - k[:, 0, 2]) / k[:, 0, 0]))
+        return CameraRig(name=name, names=names, image_size=(int(width), int(height)), fovs=fovs,
+                         intrinsics=k.copy(), ego_from_camera=poses.copy())
+
+    @staticmethod
+    def from_fovs(fovs, ego_from_camera, image_size, names=None, name: str = "rig") -> "CameraRig":
+        """V cameras from horizontal fovs (V,) degrees, principal points at the image centre,
+        at `image_size` (W, H), and their poses ego_from_camera (V, 4, 4) as `from_intrinsics`."""
+        fovs = np.asarray(fovs, dtype=np.float64).reshape(-1)
+        if not ((fovs > 0) & (fovs < 180)).all():
+            raise ValueError(f"fovs must be in (0, 180) degrees, got {fovs.tolist()}")
+        return CameraRig.from_intrinsics(_centred_intrinsics(fovs, *image_size), ego_from_camera, image_size, names, name)
+
+    def resized(self, image_size) -> "CameraRig":
+        """The same cameras drawing at another native size (W, H): K scaled per axis."""
+        width, height = (int(v) for v in image_size)
+        scale = np.diag([width / self.image_size[0], height / self.image_size[1], 1.0])
+        return CameraRig.from_intrinsics(scale @ self.intrinsics, self.ego_from_camera, (width, height), self.names, self.name)
 
     @property
     def num_views(self) -> int:

@@ -104,20 +104,54 @@ class Weather:
 
 @dataclass
 class Boxes:
-    """Oriented 3D boxes of the actors around an ego, in the world frame.
+    """Oriented 3D boxes of the actors around an ego, in the world frame, in the world's actor
+    order: the layout paints them in this order, later boxes over earlier ones, as the
+    reference paints its actor list.
 
-    centers (N, 3) m, box centre; sizes (N, 3) m, full length (x), width (y), height (z);
-    yaws (N,) rad, heading about +z; categories: N names from `BOX_CATEGORIES`.
+    centers (N, 3) m, box centre; sizes (N, 3) m, full length (box x), width (box y), height
+    (box z); rotations (N, 3, 3) world <- box, whose columns are the box's forward, left and up
+    axes (a car on a ramp is pitched, one on a banked road rolled); origins (N, 3) m, the
+    actor's own origin (Carla's actor location; the ground point under the centre in the
+    embedded world): the layout's 80 m range is measured from the camera to it, as in the
+    reference; categories: N names, those of `BOX_CATEGORIES` are drawn.
     """
 
     centers: np.ndarray
     sizes: np.ndarray
-    yaws: np.ndarray
+    rotations: np.ndarray
+    origins: np.ndarray
     categories: list[str]
 
     @staticmethod
+    def upright(centers, sizes, yaws, categories, origins=None) -> "Boxes":
+        """Boxes standing upright with headings `yaws` (N,) rad about +z; origins default to
+        the ground point under each centre (centre minus half the height)."""
+        centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
+        sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 3)
+        yaws = np.asarray(yaws, dtype=np.float64).reshape(-1)
+        c, s = np.cos(yaws), np.sin(yaws)
+        rotations = np.zeros((len(yaws), 3, 3))
+        rotations[:, 0, 0], rotations[:, 0, 1] = c, -s
+        rotations[:, 1, 0], rotations[:, 1, 1] = s, c
+        rotations[:, 2, 2] = 1.0
+        if origins is None:
+            origins = centers - np.stack([np.zeros(len(sizes)), np.zeros(len(sizes)), sizes[:, 2] / 2], axis=-1)
+        return Boxes(centers, sizes, rotations, np.asarray(origins, dtype=np.float64).reshape(-1, 3), list(categories))
+
+    @staticmethod
     def empty() -> "Boxes":
-        return Boxes(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0,)), [])
+        return Boxes(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros((0, 3)), [])
+
+    @property
+    def yaws(self) -> np.ndarray:
+        """(N,) rad: the heading of each box's forward axis seen from above."""
+        return np.arctan2(self.rotations[:, 1, 0], self.rotations[:, 0, 0])
+
+    def take(self, rows) -> "Boxes":
+        """The boxes at `rows` (indices or a boolean mask), in that order."""
+        rows = np.arange(len(self))[rows]
+        return Boxes(self.centers[rows], self.sizes[rows], self.rotations[rows], self.origins[rows],
+                     [self.categories[r] for r in rows])
 
     def __len__(self) -> int:
         return len(self.categories)
@@ -138,6 +172,26 @@ class MapLines:
     @staticmethod
     def empty() -> "MapLines":
         return MapLines(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0,), dtype=np.int8))
+
+    @staticmethod
+    def from_kinds(starts, ends, kinds) -> "MapLines":
+        """Segments starts -> ends (S, 3) m with kinds (S,) given by name ("lane_line",
+        "road_edge", "crosswalk", any case), `MapKind` or integer code; a bad kind is a
+        ValueError listing the allowed ones."""
+        allowed = ", ".join(f"{k.name.lower()} ({int(k)})" for k in MapKind)
+        codes = []
+        for kind in kinds:
+            try:
+                if isinstance(kind, str):
+                    codes.append(int(MapKind[kind.strip().upper()]))
+                elif isinstance(kind, (int, np.integer)) and not isinstance(kind, bool):
+                    codes.append(int(MapKind(int(kind))))
+                else:
+                    raise TypeError
+            except (KeyError, ValueError, TypeError):
+                raise ValueError(f"unknown map line kind {kind!r}; allowed: {allowed}") from None
+        return MapLines(np.asarray(starts, dtype=np.float64).reshape(-1, 3),
+                        np.asarray(ends, dtype=np.float64).reshape(-1, 3), np.asarray(codes, dtype=np.int8))
 
     def __len__(self) -> int:
         return len(self.kinds)

@@ -1,4 +1,5 @@
-"""The connection to a Carla server: the client, its version check, the town, synchronous mode.
+"""The connection to a Carla server: the client, its version check, the town, synchronous mode,
+and reconnecting with back-off when the server goes away.
 
 We are the only client that ticks: the world runs in synchronous mode with a fixed time step,
 and the traffic manager (on its own port) in synchronous mode with it. Whatever settings the
@@ -7,9 +8,11 @@ world had are put back on `release`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dwm.world.base import WorldUnavailableError
@@ -191,3 +194,68 @@ class Backoff:
 
     def recovered(self) -> None:
         self.down_since, self.attempts = None, 0
+
+
+class ServerLink:
+    """Calls to a server that may go away and come back, over one `CarlaConnection`.
+
+    `with link.call(reconnected):` around client calls turns a lost connection into a
+    `WorldUnavailableError` whose message says what happened and when the next attempt comes;
+    the first call once `backoff` allows it reconnects, then runs `reconnected()` (the caller
+    clears what it left on the server and sets up anew) before the calls themselves.
+    """
+
+    def __init__(self, connection: CarlaConnection, backoff: Backoff):
+        self.connection = connection
+        self.backoff = backoff
+        self.closed = False  # set by the owner: every later call fails
+
+    @property
+    def down(self) -> bool:
+        return self.backoff.down
+
+    @contextlib.contextmanager
+    def call(self, reconnected: Callable[[], None]):
+        if self.closed:
+            raise WorldUnavailableError("the Carla world is closed")
+        if self.backoff.down:
+            self._reconnect(reconnected)
+        try:
+            yield
+        except RuntimeError as err:
+            if isinstance(err, WorldUnavailableError) or not is_connection_error(err):
+                raise
+            self.backoff.lost()
+            wait = self.backoff.wait()
+            raise WorldUnavailableError(
+                f"lost the Carla server at {self.connection.address} ({err}); reconnecting in {wait:.0f} s",
+                retry_in=wait,
+            ) from None
+
+    def _reconnect(self, reconnected: Callable[[], None]) -> None:
+        address, backoff = self.connection.address, self.backoff
+        down_for = time.monotonic() - backoff.down_since
+        if not backoff.due():
+            wait = backoff.wait()
+            raise WorldUnavailableError(
+                f"the Carla server at {address} has been unreachable for {down_for:.0f} s; "
+                f"next reconnection attempt in {wait:.0f} s", retry_in=wait)
+        try:
+            self.connection.connect()
+            reconnected()
+        except (WorldUnavailableError, RuntimeError) as err:
+            delay = backoff.failed()
+            raise WorldUnavailableError(
+                f"the Carla server at {address} has been unreachable for {down_for:.0f} s; reconnection "
+                f"attempt {backoff.attempts} failed ({err}); next one in {delay:.0f} s", retry_in=delay
+            ) from None
+        log.info("reconnected to the Carla server at %s after %.0f s", address, down_for)
+        backoff.recovered()
+
+
+def quietly(call: Callable[[], object]) -> None:
+    """Cleanup goes on past one actor that is already gone (or a server that is)."""
+    try:
+        call()
+    except RuntimeError as err:
+        log.debug("ignored during cleanup: %s", err)

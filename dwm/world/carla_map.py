@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dwm.conditions.carla_pose import from_carla_points
+from dwm.world.carla_pose import from_carla_points
 from dwm.world.base import MapKind
-from dwm.world.maps import MapGeometry
+from dwm.world.map_geometry import MapGeometry
 
 DRIVABLE_LANE_TYPES = frozenset({"driving", "bidirectional", "entry", "exit", "onramp", "offramp"})
 # Carla's LaneMarkingType names -> our kind; the rest (NONE, Other, BottsDots, Grass) is not drawn.

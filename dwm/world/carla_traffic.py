@@ -8,6 +8,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from dwm.world.carla_client import quietly
+
 log = logging.getLogger(__name__)
 
 ARRIVED_M = 1.5  # a walker this close (on the ground plane) to its target has arrived
@@ -96,12 +98,12 @@ class Traffic:
     def destroy(self) -> None:
         """Destroy every NPC: controllers stopped first, then walkers, then vehicles."""
         for w in self.walkers:
-            _quietly(w.controller.stop)
-            _quietly(w.controller.destroy)
-            _quietly(w.actor.destroy)
+            quietly(w.controller.stop)
+            quietly(w.controller.destroy)
+            quietly(w.actor.destroy)
         for v in self.vehicles:
-            _quietly(lambda v=v: v.set_autopilot(False, self._tm_port))
-            _quietly(v.destroy)
+            quietly(lambda v=v: v.set_autopilot(False, self._tm_port))
+            quietly(v.destroy)
         self.walkers, self.vehicles = [], []
 
 
@@ -117,11 +119,3 @@ def _int_attribute(bp, key: str, default: int) -> int:
         return int(bp.get_attribute(key).as_int())
     except (AttributeError, RuntimeError, ValueError):
         return default
-
-
-def _quietly(call) -> None:
-    """Cleanup goes on past one actor that is already gone (or a server that is)."""
-    try:
-        call()
-    except RuntimeError as err:
-        log.debug("ignored during cleanup: %s", err)

@@ -4,7 +4,7 @@ We are the server's only ticking client (synchronous mode, `fixed_delta_seconds`
 traffic manager in sync mode on its own port). Observations are those of the embedded world:
 actors within `view_range` of the ego as oriented boxes, the town's lane lines, road edges and
 crosswalks within `map_range`, weather words for captions. Everything is turned into our
-right-handed frame here, with `dwm.conditions.carla_pose` (Carla is left-handed).
+right-handed frame with `dwm.world.carla_pose` (Carla is left-handed).
 
 Heroes are named `hero` while there is one, `hero-<ego id>` when others exist, so the
 reference's keyboard client still finds a single hero. A server that goes away raises
@@ -12,87 +12,32 @@ reference's keyboard client still finds a single hero. A server that goes away r
 back-off; after reconnecting, traffic and heroes (same ids, controls, autopilot) are spawned
 anew. Everything we spawned is destroyed and the world's settings restored on `close`, also at
 interpreter exit (Ctrl-C, an exception).
+
+This class holds the egos and the order of things; the parts live beside it: the connection
+and reconnection in `carla_client`, the heroes and their cameras in `carla_heroes`, the scene of
+a tick in `carla_scene`, the town's map, description and spawn points in `carla_town`, the NPCs
+in `carla_traffic`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import logging
 import math
 import random
-import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from dwm.conditions.carla_pose import carla_transform_matrix, from_carla_points, from_carla_yaw, world_from_carla_vehicle
-from dwm.world.base import Boxes, Observation, UnknownEgoError, VehicleControl, Weather, World, WorldUnavailableError
-from dwm.world.carla_client import (
-    Backoff,
-    CarlaConnection,
-    import_carla,
-    is_connection_error,
-    server_address,
-)
-from dwm.world.carla_map import extract_map
-from dwm.world.carla_traffic import Traffic, _quietly
-from dwm.world.maps import MapGeometry
+from dwm.world.base import Observation, UnknownEgoError, VehicleControl, World, WorldUnavailableError
+from dwm.world.carla_client import Backoff, CarlaConnection, ServerLink, import_carla, quietly, server_address
+from dwm.world.carla_heroes import Hero, HeroSpawner, carla_control, our_control
+from dwm.world.carla_pose import world_from_carla_vehicle
+from dwm.world.carla_scene import CarlaScene, SceneReader
+from dwm.world.carla_town import carla_weather, spawn_points, town_description, town_geometry
+from dwm.world.carla_traffic import Traffic
 
 log = logging.getLogger(__name__)
-
-VEHICLE_BASE_TYPES = ("car", "van", "truck", "bus", "motorcycle", "bicycle")
-TOWN_DESCRIPTIONS = {  # caption scene descriptions; the reference's for Town10
-    "Town10HD": "A downtown urban environment with skyscrapers, residential buildings and an ocean promenade.",
-}
-DEFAULT_DESCRIPTION = "A town with streets, buildings, sidewalks and trees."
-_MAPS: dict[str, MapGeometry] = {}  # town name + OpenDRIVE digest -> its geometry, once per process
-
-
-def vehicle_category(attributes: Mapping[str, str]) -> str:
-    """Box category of a vehicle from its blueprint attributes: `base_type` where Carla gives
-    one, else two wheels make a motorcycle and more a car."""
-    base = str(attributes.get("base_type", "")).lower()
-    if base in VEHICLE_BASE_TYPES:
-        return base
-    return "motorcycle" if str(attributes.get("number_of_wheels", "4")) == "2" else "car"
-
-
-@dataclass
-class _Kind:
-    """What a seen actor is, read once: category (None: not boxed), box in the actor's frame."""
-
-    category: str | None
-    bbox_location: tuple = (0.0, 0.0, 0.0)  # Carla actor frame, m
-    bbox_extent: tuple = (0.0, 0.0, 0.0)  # half sizes, m
-    bbox_yaw: float = 0.0  # deg
-
-
-@dataclass
-class _Hero:
-    actor: object
-    role: str
-    control: VehicleControl = field(default_factory=VehicleControl)
-    autopilot: bool = False
-    spawn_transform: object = None  # pose until the first tick shows it
-    cameras: list = field(default_factory=list)
-    images: dict = field(default_factory=dict)  # camera name -> (frame, (H, W, 3) uint8 RGB)
-
-
-@dataclass
-class _Scene:
-    """Every boxed actor at the current tick, our frame (N actors)."""
-
-    ids: np.ndarray  # (N,)
-    centers: np.ndarray  # (N, 3) m, box centres
-    sizes: np.ndarray  # (N, 3) m, full length, width, height
-    yaws: np.ndarray  # (N,) rad
-    categories: list[str]
-    frame: int
-    weather: Weather
 
 
 class CarlaWorld(World):
@@ -125,21 +70,20 @@ class CarlaWorld(World):
         self._environment, self._weather_config = environment, weather
         self._hero_blueprint, self._vehicle_filter, self._walker_filter = hero_blueprint, vehicle_filter, walker_filter
         self._rig = rig if attach_cameras else None
-        self._backoff = Backoff(**dict(reconnect or {}))
+        backoff = Backoff(**dict(reconnect or {}))
 
         self._carla = import_carla()
         self._conn = CarlaConnection(self._address, town, self.dt, self._counts["seed"])
+        self._link = ServerLink(self._conn, backoff)
         self._rng = random.Random(self._counts["seed"])
-        self._heroes: dict[str, _Hero] = {}
+        self._heroes: dict[str, Hero] = {}
         self._next_ego = 1
         self._steps = 0
-        self._kinds: dict[int, _Kind] = {}
         self._orphans: set[int] = set()  # ids of our actors left on a server that went away
-        self._scene: _Scene | None = None
-        self._closed = False
+        self._scene: CarlaScene | None = None
         self._conn.connect()
         try:
-            self._weather_config = self._resolve_weather(weather)
+            self._weather_config = carla_weather(self._carla, self._conn.world, weather)
             self._set_up()
         except BaseException:
             self.close()
@@ -166,11 +110,11 @@ class CarlaWorld(World):
         hero = self._hero(ego_id)
         del self._heroes[ego_id]
         self._scene = None
-        if self._backoff.down:  # destroyed once the server is back
-            self._orphans |= {hero.actor.id, *(c.id for c in hero.cameras)}
+        if self._link.down:  # destroyed once the server is back
+            self._orphans |= hero.ids()
         else:
             with self._server_call():
-                self._destroy_hero(hero)
+                hero.destroy(self._address.tm_port)
 
     def egos(self) -> list[str]:
         return list(self._heroes)
@@ -183,7 +127,7 @@ class CarlaWorld(World):
         hero.control = control
         if not hero.autopilot:
             with self._server_call():
-                hero.actor.apply_control(self._carla_control(control))
+                hero.actor.apply_control(carla_control(self._carla, control))
 
     def set_autopilot(self, ego_id: str, enabled: bool) -> None:
         hero = self._hero(ego_id)
@@ -193,7 +137,7 @@ class CarlaWorld(World):
             return
         with self._server_call():
             if not enabled:
-                hero.control = _our_control(hero.actor.get_control())  # the autopilot's last stays applied
+                hero.control = our_control(hero.actor.get_control())  # the autopilot's last stays applied
             hero.actor.set_autopilot(enabled, self._address.tm_port)
             hero.autopilot = enabled
 
@@ -217,42 +161,38 @@ class CarlaWorld(World):
     def observe(self, ego_id: str) -> Observation:
         hero = self._hero(ego_id)
         with self._server_call():
-            scene = self._scene or self._take_scene()
-            transform, velocity = self._hero_state(hero)
+            scene = self._scene or self._scene_reader.read()
+            transform, velocity = hero.state(self._conn.world, self._carla)
         loc, rot = transform.location, transform.rotation
         pose = world_from_carla_vehicle([loc.x, loc.y, loc.z], [rot.pitch, rot.yaw, rot.roll])
         forward = transform.get_forward_vector()
         speed = velocity.x * forward.x + velocity.y * forward.y + velocity.z * forward.z  # m/s, signed
         rear_axle = pose[:2, 3]
-        near = np.sum((scene.centers[:, :2] - rear_axle) ** 2, axis=1) <= self.view_range**2
-        near &= scene.ids != hero.actor.id
-        rows = np.flatnonzero(near)
-        boxes = Boxes(scene.centers[rows], scene.sizes[rows], scene.yaws[rows], [scene.categories[r] for r in rows])
-        control = _our_control(hero.actor.get_control()) if hero.autopilot else hero.control
+        control = our_control(hero.actor.get_control()) if hero.autopilot else hero.control
         return Observation(
             ego_id=ego_id,
             sim_time=self.sim_time,
             ego_pose=pose,
             ego_speed=float(speed),
-            boxes=boxes,
+            boxes=scene.around(rear_axle, self.view_range, hero.actor.id),
             map_lines=self._geometry.near(rear_axle, self.map_range),
             weather=scene.weather,
             environment=self._description,
             control=control,
             autopilot=hero.autopilot,
-            camera_images=self._camera_images(hero, scene.frame) if hero.cameras else None,
+            camera_images=hero.pictures(scene.frame, self._address.timeout) if hero.cameras else None,
         )
 
     def close(self) -> None:
         """Destroy what we spawned and give the world its settings back; safe to call twice."""
-        if self._closed:
+        if self._link.closed:
             return
-        self._closed = True
-        if self._conn.world is None or self._backoff.down:
+        self._link.closed = True
+        if self._conn.world is None or self._link.down:
             return
         try:
             for hero in self._heroes.values():
-                self._destroy_hero(hero)
+                hero.destroy(self._address.tm_port)
             if hasattr(self, "_traffic"):
                 self._traffic.destroy()
             self._conn.world.tick()  # let the server process the destructions in sync mode
@@ -262,49 +202,19 @@ class CarlaWorld(World):
             with contextlib.suppress(RuntimeError):
                 self._conn.release()
 
-    # ------------------------------------------------------------------ internals: server
+    # ------------------------------------------------------------------ internals
 
-    @contextlib.contextmanager
     def _server_call(self):
-        """Reconnect first when the server was lost; turn a lost connection into a
-        WorldUnavailableError with a message for the user."""
-        if self._closed:
-            raise WorldUnavailableError("the Carla world is closed")
-        if self._backoff.down:
-            self._reconnect()
-        try:
-            yield
-        except RuntimeError as err:
-            if isinstance(err, WorldUnavailableError) or not is_connection_error(err):
-                raise
-            self._backoff.lost()
-            wait = self._backoff.wait()
-            raise WorldUnavailableError(
-                f"lost the Carla server at {self._address} ({err}); reconnecting in {wait:.0f} s", retry_in=wait
-            ) from None
+        """Context for client calls: reconnects first when the server was lost; a lost
+        connection becomes a WorldUnavailableError with a message for the user."""
+        return self._link.call(self._reconnected)
 
-    def _reconnect(self) -> None:
-        down_for = time.monotonic() - self._backoff.down_since
-        if not self._backoff.due():
-            wait = self._backoff.wait()
-            raise WorldUnavailableError(
-                f"the Carla server at {self._address} has been unreachable for {down_for:.0f} s; "
-                f"next reconnection attempt in {wait:.0f} s", retry_in=wait)
-        try:
-            self._conn.connect()
-            # A server that only dropped the connection still holds our actors: clear them.
-            for actor in self._conn.world.get_actors(sorted(self._spawned_ids())):
-                _quietly(actor.destroy)
-            self._orphans.clear()
-            self._set_up()
-        except (WorldUnavailableError, RuntimeError) as err:
-            delay = self._backoff.failed()
-            raise WorldUnavailableError(
-                f"the Carla server at {self._address} has been unreachable for {down_for:.0f} s; reconnection "
-                f"attempt {self._backoff.attempts} failed ({err}); next one in {delay:.0f} s", retry_in=delay
-            ) from None
-        log.info("reconnected to the Carla server at %s after %.0f s", self._address, down_for)
-        self._backoff.recovered()
+    def _reconnected(self) -> None:
+        # A server that only dropped the connection still holds our actors: clear them.
+        for actor in self._conn.world.get_actors(sorted(self._spawned_ids())):
+            quietly(actor.destroy)
+        self._orphans.clear()
+        self._set_up()
 
     def _set_up(self) -> None:
         """Map geometry, weather, traffic and (after a reconnection) the heroes, anew."""
@@ -314,20 +224,17 @@ class CarlaWorld(World):
         except IndexError:
             raise ValueError(f"world.hero_blueprint={self._hero_blueprint!r} is not a blueprint of this server") from None
         town = world.get_map()
-        xodr = town.to_opendrive()
-        key = f"{town.name}:{hashlib.sha1(xodr.encode()).hexdigest()}"
-        if key not in _MAPS:
-            _MAPS[key] = extract_map(town, self.map_step)
-        self._geometry = _MAPS[key]
-        short = town.name.rsplit("/", 1)[-1].removesuffix("_Opt")
-        self._description = self._environment or TOWN_DESCRIPTIONS.get(short, DEFAULT_DESCRIPTION)
+        self._geometry = town_geometry(town, self.map_step)
+        self._description = self._environment or town_description(town)
         if self._weather_config is not None:
             world.set_weather(self._weather_config)
         if hasattr(world, "set_pedestrians_seed"):
             world.set_pedestrians_seed(self._counts["seed"])
-        self._spawn_points = list(town.get_spawn_points()) or _spawn_points_from_lanes(self._carla, town)
-        self._kinds.clear()
+        self._spawn_points = spawn_points(self._carla, town)
+        self._scene_reader = SceneReader(world)
         self._scene = None
+        self._spawner = HeroSpawner(self._carla, world, self._hero_blueprint, self._address.tm_port,
+                                    self._spawn_points, self._counts["hero_spawn_index"], self._rig)
         old = list(self._heroes.items())
         self._heroes = {}
         for ego_id, hero in old:  # after a reconnection: the same egos, at new places
@@ -341,175 +248,23 @@ class CarlaWorld(World):
         free = [p for p in self._spawn_points if id(p) not in reserved]
         self._traffic.spawn(self._counts["vehicles"], self._counts["walkers"], free)
 
-    def _resolve_weather(self, weather):
-        """null keeps the server's; a preset name (ClearNoon, WetCloudySunset, ...) or a mapping
-        of carla.WeatherParameters fields."""
-        if weather is None:
-            return None
-        presets = sorted(n for n in dir(self._carla.WeatherParameters) if n[0].isupper())
-        if isinstance(weather, str):
-            if weather not in presets:
-                raise ValueError(f"world.weather={weather!r} is not a Carla weather preset; allowed: {', '.join(presets)}")
-            return getattr(self._carla.WeatherParameters, weather)
-        if not isinstance(weather, Mapping):
-            raise ValueError(f"world.weather={weather!r} must be null, a preset name or a mapping of weather values")
-        params = self._conn.world.get_weather()
-        fields = sorted(n for n in dir(params) if not n.startswith("_") and isinstance(getattr(params, n), float))
-        for key, value in weather.items():
-            if key not in fields:
-                raise ValueError(f"world.weather.{key}: no such Carla weather value; allowed: {', '.join(fields)}")
-            setattr(params, key, float(value))
-        return params
-
-    # ------------------------------------------------------------------ internals: actors
+    def _spawn_hero(self, role: str, control: VehicleControl, autopilot: bool) -> Hero:
+        taken = [h.spawn_transform for h in self._heroes.values()]
+        hero = self._spawner.spawn(role, control, autopilot, taken)
+        self._scene = None
+        return hero
 
     def _spawned_ids(self) -> set[int]:
         ids = set(self._orphans) | (self._traffic.ids() if hasattr(self, "_traffic") else set())
         for hero in self._heroes.values():
-            ids |= {hero.actor.id, *(c.id for c in hero.cameras)}
+            ids |= hero.ids()
         return ids
 
-    def _hero(self, ego_id: str) -> _Hero:
+    def _hero(self, ego_id: str) -> Hero:
         try:
             return self._heroes[ego_id]
         except (KeyError, TypeError):
             raise UnknownEgoError(ego_id, list(self._heroes)) from None
-
-    def _spawn_hero(self, role: str, control: VehicleControl, autopilot: bool) -> _Hero:
-        library = self._conn.world.get_blueprint_library()
-        try:
-            bp = library.find(self._hero_blueprint)
-        except (IndexError, RuntimeError):
-            raise ValueError(f"world.hero_blueprint={self._hero_blueprint!r} is not a blueprint of this server") from None
-        bp.set_attribute("role_name", role)
-        taken = {id(h.spawn_transform) for h in self._heroes.values()}
-        places = [p for p in self._spawn_points if id(p) not in taken]
-        first = self._counts["hero_spawn_index"] % len(self._spawn_points) if self._spawn_points else 0
-        ordered = [p for p in places if p is self._spawn_points[first]] + [p for p in places if p is not self._spawn_points[first]]
-        for place in ordered:
-            actor = self._conn.world.try_spawn_actor(bp, place)
-            if actor is not None:
-                break
-        else:
-            raise RuntimeError(f"no free spawn point for a hero car on {self._conn.world.get_map().name}")
-        hero = _Hero(actor, role, control, autopilot, spawn_transform=place)
-        if autopilot:
-            actor.set_autopilot(True, self._address.tm_port)
-        else:
-            actor.apply_control(self._carla_control(control))
-        if self._rig is not None:
-            self._attach_cameras(hero)
-        self._scene = None
-        return hero
-
-    def _attach_cameras(self, hero: _Hero) -> None:
-        """Real RGB cameras at the rig's poses (Carla's vehicle frame), for side-by-side viewing."""
-        carla, (width, height) = self._carla, self._rig["image_size"]
-        for cam in self._rig["cameras"]:
-            bp = self._conn.world.get_blueprint_library().find("sensor.camera.rgb")
-            bp.set_attribute("image_size_x", str(int(width)))
-            bp.set_attribute("image_size_y", str(int(height)))
-            bp.set_attribute("fov", str(float(cam["fov"])))
-            bp.set_attribute("role_name", str(cam["name"]))
-            pitch, yaw, roll = (float(v) for v in cam["rotation"])
-            pose = carla.Transform(carla.Location(*(float(v) for v in cam["location"])), carla.Rotation(pitch, yaw, roll))
-            sensor = self._conn.world.spawn_actor(bp, pose, attach_to=hero.actor)
-            sensor.listen(lambda image, name=str(cam["name"]), images=hero.images: images.__setitem__(name, image))
-            hero.cameras.append(sensor)
-
-    def _camera_images(self, hero: _Hero, frame: int) -> dict[str, np.ndarray]:
-        """The hero's camera pictures of this frame, waiting up to world.timeout for them."""
-        deadline = time.monotonic() + self._address.timeout
-        names = [str(cam["name"]) for cam in self._rig["cameras"]]
-        while any(name not in hero.images or hero.images[name].frame < frame for name in names):
-            if time.monotonic() > deadline:
-                raise WorldUnavailableError(f"Carla cameras sent no picture of frame {frame} within world.timeout")
-            time.sleep(0.001)
-        pictures = {}
-        for name, image in hero.images.items():
-            bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
-            pictures[name] = bgra[..., 2::-1].copy()
-        return pictures
-
-    def _destroy_hero(self, hero: _Hero) -> None:
-        for sensor in hero.cameras:
-            _quietly(sensor.stop)
-            _quietly(sensor.destroy)
-        if hero.autopilot:
-            _quietly(lambda: hero.actor.set_autopilot(False, self._address.tm_port))
-        _quietly(hero.actor.destroy)
-
-    def _hero_state(self, hero: _Hero):
-        """(carla.Transform, carla.Vector3D velocity) at this tick; the spawn pose before the first."""
-        found = self._conn.world.get_snapshot().find(hero.actor.id)
-        if found is None:
-            return hero.spawn_transform, self._carla.Vector3D()
-        return found.get_transform(), found.get_velocity()
-
-    def _carla_control(self, control: VehicleControl):
-        return self._carla.VehicleControl(throttle=control.throttle, steer=control.steer, brake=control.brake,
-                                          hand_brake=control.hand_brake, reverse=control.reverse)
-
-    def _take_scene(self) -> _Scene:
-        """Boxes of every vehicle and walker at this tick (actors spawned by anyone, any time)."""
-        world = self._conn.world
-        snapshot = world.get_snapshot()
-        states = {s.id: s for s in snapshot}
-        new = [i for i in states if i not in self._kinds]
-        if new:
-            for actor in world.get_actors(new):
-                self._kinds[actor.id] = _kind_of(actor)
-            for i in new:
-                self._kinds.setdefault(i, _Kind(None))  # gone again before we asked
-        ids = [i for i in states if self._kinds[i].category is not None]
-        kinds = [self._kinds[i] for i in ids]
-        transforms = [states[i].get_transform() for i in ids]
-        loc = np.array([(t.location.x, t.location.y, t.location.z) for t in transforms]).reshape(-1, 3)
-        rot = np.array([(t.rotation.pitch, t.rotation.yaw, t.rotation.roll) for t in transforms]).reshape(-1, 3)
-        bbox_loc = np.array([k.bbox_location for k in kinds]).reshape(-1, 3)
-        centres = (carla_transform_matrix(loc, rot) @ np.concatenate([bbox_loc, np.ones((len(ids), 1))], axis=1)[..., None])
-        weather = world.get_weather()
-        return _Scene(
-            ids=np.array(ids, dtype=np.int64),
-            centers=from_carla_points(centres[:, :3, 0]),
-            sizes=2.0 * np.array([k.bbox_extent for k in kinds]).reshape(-1, 3),
-            yaws=from_carla_yaw(rot[:, 1] + np.array([k.bbox_yaw for k in kinds])),
-            categories=[k.category for k in kinds],
-            frame=int(snapshot.frame),
-            weather=Weather(float(weather.sun_altitude_angle), float(weather.precipitation),
-                            float(weather.fog_density), float(weather.cloudiness)),
-        )
-
-
-def _kind_of(actor) -> _Kind:
-    type_id = actor.type_id
-    if type_id.startswith("vehicle."):
-        category = vehicle_category(actor.attributes)
-    elif type_id.startswith("walker.pedestrian"):
-        category = "pedestrian"
-    else:
-        return _Kind(None)
-    bb = actor.bounding_box
-    return _Kind(category, (bb.location.x, bb.location.y, bb.location.z), (bb.extent.x, bb.extent.y, bb.extent.z),
-                 bb.rotation.yaw)
-
-
-def _spawn_points_from_lanes(carla, town, spacing: float = 25.0) -> list:
-    """Maps without recommended spawn points (bare OpenDRIVE): driving-lane points every
-    `spacing` m, raised 0.5 m so that vehicles drop onto the road."""
-    points = []
-    for wp in town.generate_waypoints(spacing):
-        t = wp.transform
-        points.append(carla.Transform(t.location + carla.Location(z=0.5), t.rotation))
-    return points
-
-
-def _our_control(control) -> VehicleControl:
-    """Carla's VehicleControl -> ours (its floats clamped into our ranges)."""
-    clamp = lambda v, lo, hi: min(hi, max(lo, float(v)))  # noqa: E731
-    return VehicleControl(throttle=clamp(control.throttle, 0, 1), steer=clamp(control.steer, -1, 1),
-                          brake=clamp(control.brake, 0, 1), reverse=bool(control.reverse),
-                          hand_brake=bool(control.hand_brake))
 
 
 def _positive(name: str, value, upper: float = math.inf) -> float:

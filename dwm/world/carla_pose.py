@@ -86,3 +86,10 @@ def from_carla_yaw(yaw_deg) -> np.ndarray:
     """Carla yaw (..., ) degrees, clockwise seen from above -> our yaw, radians about +z, in (-pi, pi]."""
     yaw = -np.radians(np.asarray(yaw_deg, dtype=np.float64))
     return np.pi - np.mod(np.pi - yaw, 2.0 * np.pi)
+
+
+def from_carla_rotation(rotation) -> np.ndarray:
+    """Carla rotations (..., 3) [pitch, yaw, roll] deg (left-handed) -> rotation matrices
+    (..., 3, 3) in our right-handed frame: F . R_carla . F."""
+    r = carla_transform_matrix(np.zeros(np.shape(rotation)), rotation)[..., :3, :3]
+    return FLIP_Y[:3, :3] @ r @ FLIP_Y[:3, :3]
