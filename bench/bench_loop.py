@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from dwm.config import compose, instantiate
+from dwm.config import compose, condition_fps, instantiate
 from dwm.session import DrivingSession
 from dwm.streaming.compose import compose_strip
 from dwm.streaming.encoder import VideoPublisher
@@ -73,7 +73,7 @@ def main() -> None:
     model_times: list[float] = []
     memory: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp, VideoPublisher.from_config(
-        cfg.stream, os.path.join(tmp, "bench.mp4"), fps=cfg.pipeline.fps
+        cfg.stream, os.path.join(tmp, "bench.mp4"), fps=condition_fps(cfg)
     ) as publisher:
         while pipeline.warming:  # fill and warm the queue, untimed
             session.step()

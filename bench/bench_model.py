@@ -1,7 +1,7 @@
 """CTSD 3.5 XS model calls: time per call, peak memory and achieved FLOP/s, random weights.
 
     python -m bench.bench_model                           # CPU: a reduced size (2 layers, width 320)
-    python -m bench.bench_model --size real --device cuda --dtype bfloat16   # on a GPU
+    python -m bench.bench_model --size real --device cuda --dtype float16   # on a GPU
     python -m bench.bench_model --size real --device cuda --peak-tflops 989  # and MFU
 
 One call is what the queue makes per denoising step at the reference settings: 3 views
@@ -98,13 +98,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="reduced")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on cuda (model.dtype), float32 on cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak at --dtype, for MFU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
 

@@ -17,7 +17,7 @@ from deployments.ingress import Ingress
 from deployments.sessions import SessionManager
 from deployments.world import WorldActor
 from dwm.conditions.builder import ConditionBuilder
-from dwm.config import ConfigError, compose, instantiate
+from dwm.config import ConfigError, compose, condition_fps, instantiate
 from dwm.models.checkpoint import check_weights
 from dwm.pipelines.fifo import BandedFifoQueue
 
@@ -82,9 +82,10 @@ def check(cfg: DictConfig) -> None:
         BandedFifoQueue(p.steps, p.window, p.bands, (1, 1, 1, 1))
     except ValueError as err:
         raise ConfigError(f"pipeline: {err}") from None
+    condition_fps(cfg)  # pipeline.fps null, or agreeing with the world's tick
     try:
         ConditionBuilder.from_config(cfg)
     except ValueError as err:
-        raise ConfigError(f"rig / pipeline.resolution / pipeline.fps: {err}") from None
+        raise ConfigError(f"rig / pipeline.resolution: {err}") from None
     check_weights(cfg)  # model.checkpoint, model.sd35_dir: set and there
     instantiate(cfg, "world").close()  # ConfigError naming `world` and what it allows

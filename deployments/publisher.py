@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from dwm.config import condition_fps
 from dwm.pipelines.streaming import GeneratedFrame
 from dwm.streaming.background import BackgroundPublisher
 from dwm.streaming.compose import compose_strip
@@ -51,7 +52,7 @@ class SessionPublisher:
         self.overlay = overlay
         # One encoder thread per output, so that an RTSP server going away never ends the
         # recording (and a full disk never ends the stream).
-        stream, fps, pending = cfg.stream, float(cfg.pipeline.fps), int(cfg.serve.video_queue)
+        stream, fps, pending = cfg.stream, condition_fps(cfg), int(cfg.serve.video_queue)
         self.outputs: dict[str, BackgroundPublisher] = {}
         if rtsp_url:
             self.outputs["rtsp"] = BackgroundPublisher(

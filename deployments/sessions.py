@@ -97,7 +97,7 @@ class SessionRunner:
 
     def fps_condition(self, observation: Observation) -> float | None:
         """realtime: 1 / the simulated seconds since this session's previous observation
-        (None, the config's fps, for the first)."""
+        (None for the first: the builder's, 1 / the world's tick)."""
         last = self.last_observation
         if last is None or observation.sim_time <= last.sim_time:
             return None

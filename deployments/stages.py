@@ -159,7 +159,7 @@ class DenoiserPool:
         ray.get([stage.open.remote(session_id) for stage in pipeline.stages])
         p = self.cfg.pipeline
         shape = frame_shape(views, self.latent_channels, p.resolution)
-        front = QueueFront(p.steps, p.window, p.bands, shape, self.seeds[session_id], model_dtype(self.cfg), p.text_interval)
+        front = QueueFront(p.steps, p.window, p.bands, shape, self.seeds[session_id], p.text_interval)
         self.fronts[session_id] = front
         self.where[session_id] = pipeline
         pipeline.sessions.add(session_id)

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from dwm.config import ConfigError, compose, instantiate
+from dwm.config import ConfigError, compose, condition_fps, instantiate
 from dwm.pipelines.streaming import GeneratedFrame
 from dwm.session import DrivingSession
 from dwm.streaming.compose import compose_strip
@@ -65,6 +65,8 @@ def run(overrides: list[str]) -> int:
     cfg = compose(overrides)
     if int(cfg.frames) < 1:
         raise ConfigError(f"frames={cfg.frames}: must be at least 1")
+    # One world tick per frame: the video's frame rate is the fps the model is told.
+    fps = condition_fps(cfg)
     world = instantiate(cfg, "world")
     session = DrivingSession.from_config(cfg, world, ego_id="ego", autopilot=True)
     rtsp = session_rtsp_url(cfg.stream.rtsp.url, "run") if cfg.stream.rtsp.url else None
@@ -73,7 +75,7 @@ def run(overrides: list[str]) -> int:
     progress = Progress(int(cfg.frames))
     warm = session.pipeline.depth + 1
     output_size = tuple(cfg.pipeline.output_size)
-    with VideoPublisher.from_config(cfg.stream, cfg.out, rtsp, fps=cfg.pipeline.fps) as publisher:
+    with VideoPublisher.from_config(cfg.stream, cfg.out, rtsp, fps=fps) as publisher:
         written = 0
         while written < cfg.frames:
             if session.pipeline.warming and session.pipeline.queue.calls_for_next_push == 0:

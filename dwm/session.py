@@ -69,7 +69,8 @@ class DrivingSession:
     def step(self, on_step: ProgressCallback | None = None, fps: float | None = None) -> list[GeneratedFrame]:
         """Observe the ego now, push its conditions, return the frames that leave the queue.
 
-        fps: the fps condition when it follows the wall clock (realtime); default: config's.
+        fps: the fps condition when it follows the wall clock (realtime); default: the
+        builder's (1 / the world's tick, `dwm.config.condition_fps`).
         """
         observation = self.world.observe(self.ego_id)
         self.last_observation = observation

@@ -145,7 +145,10 @@ def test_unconditional_inputs_are_grey_layout_empty_prompts_same_cameras():
     camera_params = torch.rand(3, 11)
     inputs = unconditional_inputs(camera_params, (16, 24))
     assert inputs.layout.shape == (3, 6, 16, 24)
-    assert bool((inputs.layout == 32 / 255).all()) and UNCONDITIONAL_LAYOUT_VALUE == 32 / 255
+    # The reference's config value exactly (not 32/255 = 0.12549...), in float32.
+    assert UNCONDITIONAL_LAYOUT_VALUE == 0.1255
+    assert inputs.layout.dtype == torch.float32
+    assert bool((inputs.layout == torch.tensor(0.1255, dtype=torch.float32)).all())
     assert inputs.captions == ["", "", ""]
     assert torch.equal(inputs.camera_params, camera_params)
     with pytest.raises(ValueError, match=r"\(V, 11\)"):
@@ -161,7 +164,7 @@ def test_unconditional_context_is_computed_once_per_rig_and_resolution():
     assert again is first and denoiser.context_calls == 1
     assert text.prompts == [["", "", ""]]
     # The value is the denoiser's own context of the grey, prompt-free inputs.
-    expected = 32 / 255 + camera_params[:, 0] + 0.0
+    expected = 0.1255 + camera_params[:, 0] + 0.0
     torch.testing.assert_close(first["bias"], expected)
     # Other camera params or another resolution are other entries.
     other = camera_params.clone()

@@ -16,6 +16,7 @@ from dwm.models.base import TextEmbedding
 from dwm.models.text import HashTextEncoder
 from dwm.models.ctsd import CrossviewTemporalDiT as TinyDenoiser
 from dwm.models.vae import TinySD3Vae
+from dwm.pipelines.guidance import UNCONDITIONAL_LAYOUT_VALUE
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -23,7 +24,7 @@ CONF_DIR = REPO / "conf"
 # Small frames keep the tests fast: 64x96 layouts -> 8x12 latents -> 4x6 tokens per image.
 H, W = 64, 96
 N, T, V = 2, 3, 3
-GREY = 32 / 255  # the unconditional layout colour
+GREY = UNCONDITIONAL_LAYOUT_VALUE  # the unconditional layout colour
 
 
 @pytest.fixture(autouse=True)

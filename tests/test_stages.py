@@ -43,7 +43,7 @@ class StagedQueue:
     def open(self, session_id: str, seed: int) -> None:
         p = self.cfg.pipeline
         shape = frame_shape(3, self.latent_channels, p.resolution)
-        self.fronts[session_id] = QueueFront(p.steps, p.window, p.bands, shape, seed, torch.float32, p.text_interval)
+        self.fronts[session_id] = QueueFront(p.steps, p.window, p.bands, shape, seed, p.text_interval)
         for stage in self.stages:
             stage.open(session_id)
 

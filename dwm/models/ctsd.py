@@ -16,11 +16,23 @@ views), both mixed in with learned sigmoid factors.
 
 Shapes, for one forward: latents (N, T, V, C, h, w) are flattened to B = N*T*V images; each
 image is S = (h/p)*(w/p) tokens of width D; prompts are L tokens.
+
+Precision, as the reference infers (weights float16, torch autocast on CUDA): in a half
+precision dtype (float16, or bfloat16) the model runs under `torch.autocast` of its dtype, and
+every LayerNorm is computed in float32 and returns float32 (`Float32LayerNorm`; CUDA's
+autocast does that for layer_norm, the CPU's does not, so it is made explicit); the q/k
+RMSNorms compute their mean square in float32 themselves (diffusers' `RMSNorm`). Inputs may
+come in any float dtype: the latents are cast to the model's dtype here, the timesteps and
+the camera scalars enter their sinusoidal embeddings in float32. The velocity comes out in the
+model's dtype; the queue takes it to float32 for its update (`dwm.pipelines.fifo`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import FeedForward, JointTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import (
@@ -124,6 +136,32 @@ class ImageAdapter(nn.Module):
         return torch.stack(features, dim=1)
 
 
+class Float32LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` computed in float32 whatever the dtype of its input and weights, with a
+    float32 result: exactly what torch autocast does for layer_norm on CUDA (the reference's
+    numerics), and what the CPU's autocast, which runs layer_norm in the low precision, would
+    not. Under autocast the next linear layer takes the result to the model's dtype. Same
+    parameters and state dict keys as `nn.LayerNorm` (`weight`, `bias` where affine)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def _float32_layer_norms(module: nn.Module) -> None:
+    """Turn every plain `nn.LayerNorm` under `module` into a `Float32LayerNorm` in place (the
+    ones diffusers' blocks build included); parameters and keys are unchanged."""
+    for m in module.modules():
+        if type(m) is nn.LayerNorm:
+            m.__class__ = Float32LayerNorm
+
+
+# q/k RMSNorm eps of the temporal and cross-view attention: diffusers' `Attention` default,
+# which the reference's blocks use (the MMDiT blocks' own q/k norms keep SD3's 1e-6).
+AXIAL_QK_NORM_EPS = 1e-5
+
+
 class VTSelfAttentionBlock(nn.Module):
     """Self-attention along one axis of the window (frames, or views of a token row).
 
@@ -139,7 +177,8 @@ class VTSelfAttentionBlock(nn.Module):
         self.ff_in = FeedForward(width, dim_out=width, mult=ff_mult, activation_fn="geglu")
         self.norm1 = nn.LayerNorm(width)
         self.attn1 = Attention(
-            query_dim=width, heads=heads, dim_head=head_dim, bias=False, qk_norm=qk_norm, eps=1e-6
+            query_dim=width, heads=heads, dim_head=head_dim, bias=False, qk_norm=qk_norm,
+            eps=AXIAL_QK_NORM_EPS,
         )
         self.norm3 = nn.LayerNorm(width)
         self.ff = FeedForward(width, dim_out=width, mult=ff_mult, activation_fn="geglu")
@@ -282,6 +321,20 @@ class CrossviewTemporalDiT(Denoiser):
             self.view_mixers = nn.ModuleList(
                 AlphaBlender(merge_factor, "learned") for _ in crossview_layers
             )
+        _float32_layer_norms(self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (the model's dtype)."""
+        return self.context_embedder.weight.dtype
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """Autocast to the model's dtype when it is half precision (float16, bfloat16), as the
+        reference runs its float16 weights; nothing in float32."""
+        param = self.context_embedder.weight
+        if param.dtype not in (torch.float16, torch.bfloat16):
+            return contextlib.nullcontext()
+        return torch.autocast(param.device.type, dtype=param.dtype)
 
     @torch.no_grad()
     def frame_context(
@@ -292,8 +345,11 @@ class CrossviewTemporalDiT(Denoiser):
         layout (V, 6, H, W) in [0, 1], H and W multiples of 8 * patch_size; camera_params
         (V, 11), see `CAMERA_PARAM_NAMES`; text: V prompts, tokens (V, L, joint_attention_dim)
         and pooled (V, pooled_projection_dim). Inputs may live on any device; the context
-        lives on the model's device and dtype. Views are independent here, so contexts built
-        frame by frame and stacked equal one built for the whole stack.
+        lives on the model's device and dtype. The camera scalars enter their sinusoids in
+        float32 whatever dtype they come in or the model has (in bfloat16 tx = 1.524 would be
+        1.5234); the sinusoids (V*11, F) are then cast to the model's dtype. Views are
+        independent here, so contexts built frame by frame and stacked equal one built for the
+        whole stack.
         No autograd graph: a context lives across many denoising steps.
         """
         views = layout.shape[0]
@@ -334,28 +390,37 @@ class CrossviewTemporalDiT(Denoiser):
                 f"(joint_attention_dim, pooled_projection_dim) = {expected}"
             )
         param = self.context_embedder.weight
-        layout, camera_params, tokens, pooled = (
-            x.to(param.device, param.dtype)
-            for x in (layout, camera_params, text.tokens, text.pooled)
+        layout, tokens, pooled = (
+            x.to(param.device, param.dtype) for x in (layout, text.tokens, text.pooled)
         )
-        camera = self.view_cam_proj(camera_params.flatten()).to(param.dtype)  # (V*11, F)
-        return {
-            "layout_features": self.condition_image_adapter(layout),
-            "prompt_tokens": self.context_embedder(tokens),
-            "pooled_embedding": self.time_text_embed.text_embedder(pooled),
-            "camera_embedding": self.view_embedding(camera.reshape(views, -1)),
-        }
+        scalars = camera_params.to(param.device, torch.float32).flatten()  # (V*11,)
+        camera = self.view_cam_proj(scalars).to(param.dtype)  # (V*11, F)
+        with self._precision():
+            return {
+                "layout_features": self.condition_image_adapter(layout),
+                "prompt_tokens": self.context_embedder(tokens),
+                "pooled_embedding": self.time_text_embed.text_embedder(pooled),
+                "camera_embedding": self.view_embedding(camera.reshape(views, -1)),
+            }
 
     def forward(
         self, latents: torch.Tensor, timesteps: torch.Tensor, context: FrameContext
     ) -> torch.Tensor:
         """Velocity for N windows of T frames of V views.
 
-        latents (N, T, V, C, h, w); timesteps (N, T, V) = sigma * 1000, each image gets its own
-        adaLN modulation; context: `frame_context` results stacked into (N, T, V, ...) tensors.
-        Returns (N, T, V, C, h, w).
+        latents (N, T, V, C, h, w), any float dtype (the queue's float32), cast to the model's
+        dtype here; timesteps (N, T, V) = sigma * 1000, each image gets its own adaLN
+        modulation, their sinusoids computed in float32; context: `frame_context` results
+        stacked into (N, T, V, ...) tensors. Returns (N, T, V, C, h, w) in the model's dtype.
         """
         n, t, v, c, h, w = self._check_inputs(latents, timesteps, context)
+        with self._precision():
+            return self._forward(latents.to(self.dtype), timesteps, context, n, t, v, c, h, w)
+
+    def _forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: FrameContext,
+        n: int, t: int, v: int, c: int, h: int, w: int,
+    ) -> torch.Tensor:
         p = self.patch_size
         hp, wp = h // p, w // p
         batch = n * t * v

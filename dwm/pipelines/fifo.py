@@ -21,6 +21,14 @@ A `Band` is the unit that could live on its own device: it holds its T slots, ad
 with a step function, and hands over one `Slot` (one latent frame, its payload and step
 index) per shift. `BandedFifoQueue` composes B bands and, on one device, advances all their
 windows as one batch.
+
+Precision: latents, noise and every hand-over are float32 (`LATENT_DTYPE`), whatever the
+model's dtype. Near the end of a frame's life one Euler step moves a latent by
+(sigma[N-1] - sigma[N]) * v, about 0.009 * v with the SD3.5 schedule at N = 24, which is the
+size of bfloat16's spacing (2^-7 relative) at a latent of magnitude 1: in the model's half
+precision each such update would be rounded to a whole spacing, or lost. The model casts the
+latents to its own dtype at its input; the step function's velocity is taken back to float32
+for the update, as the reference computes its scheduler step in float32.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from dwm.pipelines.schedule import flow_sigmas
+
+# The dtype of every latent the queue holds or hands over (see "Precision" above).
+LATENT_DTYPE = torch.float32
 
 # B rows (one per band) of T payloads (window positions, cleanest first). The queue builds
 # one grid per shift and passes that same object to every step of the shift, so a step
@@ -57,8 +68,8 @@ class StepFunction(Protocol):
 
 @dataclass
 class Slot:
-    """One frame of the queue: latent (V, C, h, w), its opaque payload, and how many Euler
-    steps it has had (index into the sigmas; N means clean)."""
+    """One frame of the queue: latent (V, C, h, w) float32, its opaque payload, and how many
+    Euler steps it has had (index into the sigmas; N means clean)."""
 
     latent: torch.Tensor
     payload: Any
@@ -75,8 +86,8 @@ class LeavingFrame(NamedTuple):
 class Band:
     """T consecutive slots of the queue, position 0 the cleanest.
 
-    State: `latents` (n, V, C, h, w) on the latents' device, `indices` (n,) long step indices
-    on the CPU (the schedule is computed there), `payloads` (n items), n <= T.
+    State: `latents` (n, V, C, h, w) float32 on the latents' device, `indices` (n,) long step
+    indices on the CPU (the schedule is computed there), `payloads` (n items), n <= T.
     """
 
     def __init__(self, window: int):
@@ -93,10 +104,10 @@ class Band:
         return len(self) == self.window
 
     def receive(self, slot: Slot) -> None:
-        """Append a frame at the noisy end (position n)."""
+        """Append a frame at the noisy end (position n); its latent is kept in float32."""
         if self.full:
             raise RuntimeError(f"band is full ({self.window} slots)")
-        latent = slot.latent[None]
+        latent = slot.latent.to(LATENT_DTYPE)[None]
         index = torch.tensor([slot.index], dtype=torch.long)  # step indices live on the CPU
         if self.latents is None:
             self.latents, self.indices = latent, index
@@ -175,9 +186,9 @@ class Shift:
         self.done = 0  # steps applied so far
 
     def apply(self, velocity: torch.Tensor) -> None:
-        """One Euler step with the model's velocity (B, T, V, C, h, w) for `timesteps[done]`:
-        x <- x + (sigma[idx+1] - sigma[idx]) * v, in float32, cast back to the latents' dtype;
-        slots not yet started (see `delays`) stay bit-identical."""
+        """One Euler step with the model's velocity (B, T, V, C, h, w), any float dtype, for
+        `timesteps[done]`: x <- x + (sigma[idx+1] - sigma[idx]) * v in float32, the latents'
+        dtype; slots not yet started (see `delays`) stay bit-identical."""
         if self.done >= self.steps:
             raise RuntimeError(f"this shift has had all its {self.steps} steps")
         if velocity.shape != self.latents.shape:
@@ -186,7 +197,7 @@ class Shift:
                 f"expected the latents' shape {tuple(self.latents.shape)}"
             )
         i, latents = self.done, self.latents
-        stepped = (latents.float() + self._dt[i].view(self._per_slot) * velocity.float()).to(latents.dtype)
+        stepped = latents + self._dt[i].view(self._per_slot) * velocity.to(LATENT_DTYPE)
         self.latents = torch.where(self._mask[i].view(self._per_slot), stepped, latents)
         self.done += 1
 
@@ -245,7 +256,8 @@ class BandedFifoQueue:
     bands: B; frame_shape: (V, C, h, w) of one latent frame. N must be a multiple of B*T;
     each push advances every frame s = N / (B*T) steps. shift, train_steps: the flow-matching
     schedule (`flow_sigmas`). seed: the queue's own noise generator (CPU, so the same seed
-    gives the same frames on any device). dtype, device: of the latents.
+    gives the same frames on any device). device: of the latents, which are float32 whatever
+    the model's dtype (see "Precision" above).
 
     Life of a stream: the first L-1 pushes only gather (no model call); the L-th push runs
     the N-step warm-up over all slots and returns the first frame; every later push runs s
@@ -261,7 +273,6 @@ class BandedFifoQueue:
         shift: float = 3.0,
         train_steps: int = 1000,
         seed: int = 0,
-        dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
         for name, value in (("steps", steps), ("window", window), ("bands", bands)):
@@ -281,7 +292,7 @@ class BandedFifoQueue:
         self.length = length
         self.steps_per_shift = steps // length
         self.frame_shape = frame_shape
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = LATENT_DTYPE, torch.device(device)
         self.sigmas = flow_sigmas(steps, shift, train_steps)  # (N+1,) float32, CPU
         self.seed = seed
         self.generator = torch.Generator(device="cpu")
@@ -346,8 +357,8 @@ class BandedFifoQueue:
         """The first half of `push`: a fresh noise frame enters with `payload`; returns the
         shift to run (N steps for the warm-up, s after), or None while the queue gathers.
         Run all its steps, then call `end_push` with it before the next push."""
-        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=torch.float32)
-        slot = Slot(noise.to(device=self.device, dtype=self.dtype), payload, 0)
+        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=LATENT_DTYPE)
+        slot = Slot(noise.to(self.device), payload, 0)
         if self.warming:
             # Gathering fills the queue from the clean end: the first frame becomes slot 0.
             self.bands[gathering_band(self.pushed, self.window, self.num_bands)].receive(slot)

@@ -18,9 +18,10 @@ import torch
 from dwm.models.base import Denoiser, FrameContext, TextEncoder
 from dwm.pipelines.fifo import PayloadGrid
 
-# The unconditional layout: every pixel of both layout images at 32/255, the grey of the
-# fake layouts of the camera-only training data (the reference's `uncondition_image_color`).
-UNCONDITIONAL_LAYOUT_VALUE = 32 / 255
+# The unconditional layout: every pixel of both layout images at the reference's config value
+# `uncondition_image_color` 0.1255, written as it is there (the grey 32 of the fake layouts of
+# the camera-only training data would be 32/255 = 0.12549...; the model was sampled with 0.1255).
+UNCONDITIONAL_LAYOUT_VALUE = 0.1255
 
 
 class GuidancePayload(NamedTuple):
@@ -96,7 +97,10 @@ class GuidedStep:
         return torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), context
 
     def combine(self, output: torch.Tensor) -> torch.Tensor:
-        """The denoiser's output for `inputs` -> the guided velocity (B, T, V, C, h, w)."""
+        """The denoiser's output for `inputs`, in the model's dtype -> the guided velocity
+        (B, T, V, C, h, w) float32: the guidance mix and the Euler update that follows are
+        computed in float32, whatever precision the model ran in."""
+        output = output.float()
         if not self.guided:
             return output
         v_uncond, v_cond = output.chunk(2)
@@ -112,7 +116,8 @@ class GuidedStep:
 class UnconditionalInputs:
     """What the denoiser sees for the unconditional half of a frame.
 
-    layout (V, 6, H, W) at 32/255; camera_params (V, 11), the frame's own; captions: V "".
+    layout (V, 6, H, W) at `UNCONDITIONAL_LAYOUT_VALUE`; camera_params (V, 11), the frame's
+    own; captions: V "".
     """
 
     layout: torch.Tensor

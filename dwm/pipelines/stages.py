@@ -26,7 +26,7 @@ import torch
 
 from dwm.conditions.packed import PackedConditions
 from dwm.models.base import FrameContext
-from dwm.pipelines.fifo import Band, Shift, Slot, gathering_band, warmup_delays
+from dwm.pipelines.fifo import LATENT_DTYPE, Band, Shift, Slot, gathering_band, warmup_delays
 from dwm.pipelines.guidance import GuidedStep, UnconditionalContexts
 from dwm.pipelines.schedule import flow_sigmas
 from dwm.pipelines.streaming import LATENT_SCALE, ModelParts, frame_contexts, run_shifts
@@ -44,7 +44,8 @@ class Phase(str, Enum):
 class StageFrame:
     """A frame on its way into a stage's band.
 
-    latent: (V, C, h, w) on the CPU, in the queue's dtype; index: Euler steps had so far;
+    latent: (V, C, h, w) float32 on the CPU (the queue's precision, whatever the model's; about
+    160 KB at the reference size: 3 x 16 x 22 x 38 x 4 bytes); index: Euler steps had so far;
     conditions: the frame's conditions, compact; text: the captions its text embedding is made
     from (the latest refresh's, see `QueueFront`).
     """
@@ -76,10 +77,9 @@ class QueueFront:
     caption refresh of `StreamingPipeline` (every `text_interval` frames).
     """
 
-    def __init__(self, steps: int, window: int, bands: int, frame_shape, seed: int, dtype: torch.dtype,
-                 text_interval: int = 4):
+    def __init__(self, steps: int, window: int, bands: int, frame_shape, seed: int, text_interval: int = 4):
         self.window, self.bands, self.length = window, bands, window * bands
-        self.frame_shape, self.dtype, self.text_interval = tuple(frame_shape), dtype, text_interval
+        self.frame_shape, self.text_interval = tuple(frame_shape), text_interval
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.pushed = 0
         self._text: tuple[str, ...] | None = None
@@ -90,7 +90,7 @@ class QueueFront:
         return self.length - 1
 
     def enter(self, conditions: PackedConditions) -> Entry:
-        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=torch.float32).to(self.dtype)
+        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=LATENT_DTYPE)
         if self._text is None or self.pushed % self.text_interval == 0:
             self._text = tuple(conditions.captions)
         k = self.pushed
@@ -126,7 +126,8 @@ class BandStage:
     """Band `band` of B of every session's queue, with the model, on one device.
 
     steps, window, bands, guidance, shift, train_steps, resolution: the queue's (as
-    `StreamingPipeline`); device, dtype: of the model here. batch_sessions: every session's
+    `StreamingPipeline`); device, dtype: of the model here (the bands' latents are float32,
+    see `dwm.pipelines.fifo`). batch_sessions: every session's
     window of a step in one model call (true), or one call each (false: bit for bit the
     calls of one session alone).
     """
@@ -180,7 +181,7 @@ class BandStage:
         if unknown:
             raise KeyError(f"stage {self.band} holds no queue for sessions {unknown}; open them first")
         for session_id, frame in entering.items():
-            slot = Slot(frame.latent.to(self.device, self.dtype), self._payload(frame), frame.index)
+            slot = Slot(frame.latent.to(self.device, LATENT_DTYPE), self._payload(frame), frame.index)
             self.sessions[session_id].band.receive(slot)
         shifts = []
         for session_id, phase in phases.items():

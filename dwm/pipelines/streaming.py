@@ -82,9 +82,11 @@ def frame_contexts(
 ) -> tuple[FrameContext, FrameContext | None]:
     """A frame's conditional context (layout features, prompt and camera embeddings) and its
     unconditional one (None without guidance), on `device` in `dtype`: the per-frame work,
-    done once in the frame's life on the device that steps it."""
+    done once in the frame's life on the device that steps it. The camera scalars (V, 11)
+    stay float32 into the model's sinusoidal embedding: in bfloat16 tx = 1.524 m would
+    become 1.5234 m, and the fps and intrinsics ratios would move likewise."""
     layout = frame.layout.to(device, dtype)
-    camera = frame.camera_params.to(device, dtype)
+    camera = frame.camera_params.to(device, torch.float32)
     cond = denoiser.frame_context(layout, camera, text)
     return cond, unconditional(camera, resolution) if unconditional else None
 
@@ -94,7 +96,8 @@ class StreamingPipeline:
 
     steps, window, bands: the queue (N, T, B); guidance: CFG scale (1.0 turns it off);
     resolution: (H, W) of condition images and decoded views; text_interval: frames between
-    caption encodings; seed: the queue's noise; device, dtype: of the denoiser. batch_bands:
+    caption encodings; seed: the queue's noise; device, dtype: of the denoiser (the queue's
+    latents are float32 whatever it is, see `dwm.pipelines.fifo`). batch_bands:
     the B windows of a shift in one model call (true), or one call per band (false: the
     calls a pipeline with one band per GPU makes, and bit for bit its frames).
     """
@@ -131,7 +134,7 @@ class StreamingPipeline:
         frame_shape = (views, denoiser.latent_channels, height // LATENT_SCALE, width // LATENT_SCALE)
         self.queue = BandedFifoQueue(
             steps, window, bands, frame_shape, shift=shift, train_steps=train_steps,
-            seed=seed, dtype=dtype, device=self.device,
+            seed=seed, device=self.device,
         )
         self.batch_bands = bool(batch_bands)
         self.step = GuidedStep(denoiser, guidance)

@@ -146,7 +146,7 @@ class VideoPublisher:
         """Build from the `stream` config group (codec, preset, tune, crf, gop, rtsp.transport).
 
         The RTSP URL is given here, not read from `stream.rtsp.url`, since each driving
-        session has its own (see `session_rtsp_url`). fps: `pipeline.fps` normally.
+        session has its own (see `session_rtsp_url`). fps: `dwm.config.condition_fps` of the config.
         """
         rtsp_cfg = stream_cfg.get("rtsp") or {}
         return cls(
