@@ -32,7 +32,8 @@ from deployments.stages import DenoiserPool  # noqa: E402
 from dwm.conditions.builder import ConditionBuilder  # noqa: E402
 from dwm.conditions.packed import PackedConditions  # noqa: E402
 from dwm.config import compose, instantiate  # noqa: E402
-from dwm.pipelines.stages import StageFrame  # noqa: E402
+from dwm.pipelines.fifo import LatentFrame  # noqa: E402
+from dwm.pipelines.stages import handed_bytes  # noqa: E402
 from dwm.pipelines.streaming import StreamingPipeline, push_many  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,10 +125,10 @@ def handover_cost(cfg, frame: PackedConditions, repeats: int = 20) -> tuple[int,
     """Bytes of one handed-on frame, median ms to move it through the object store to
     another process, and median ms of one stage model call (guided window of one band)."""
     latent = torch.randn(3, 16, 22, 38)
-    handed = StageFrame(latent, 4, frame, tuple(frame.captions))
+    handed = LatentFrame(latent, 4, frame)
 
     @ray.remote(num_cpus=0.1)
-    def receive(f: StageFrame) -> int:
+    def receive(f: LatentFrame) -> int:
         return f.latent.numel()
 
     ray.get(receive.remote(handed))
@@ -148,7 +149,7 @@ def handover_cost(cfg, frame: PackedConditions, repeats: int = 20) -> tuple[int,
             t0 = time.perf_counter()
             model.denoiser(x, ts, ctx)
             calls.append(time.perf_counter() - t0)
-    return handed.nbytes, 1e3 * statistics.median(times), 1e3 * statistics.median(calls)
+    return handed_bytes(handed), 1e3 * statistics.median(times), 1e3 * statistics.median(calls)
 
 
 def main() -> None:

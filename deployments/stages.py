@@ -29,10 +29,17 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dwm.conditions.packed import PackedConditions
-from dwm.pipelines.stages import BandStage, Phase, QueueFront, StageFrame, frame_shape
-from dwm.pipelines.streaming import StreamingPipeline, model_dtype
+from dwm.pipelines.fifo import LatentFrame, Phase, QueueFront, QueueSchedule
+from dwm.pipelines.stages import BandStage, enter_conditions, handed_bytes
+from dwm.pipelines.streaming import StreamingPipeline, frame_shape, model_dtype
 
 log = logging.getLogger("ray.serve")
+
+
+def queue_schedule(cfg: DictConfig) -> QueueSchedule:
+    """The schedule of `cfg.pipeline`: every stage's and every session front's."""
+    p = cfg.pipeline
+    return QueueSchedule(p.steps, p.window, p.bands, p.shift, p.train_steps)
 
 
 @ray.remote
@@ -50,8 +57,7 @@ class StageActor:
         model = StreamingPipeline.build_model(cfg)
         p = cfg.pipeline
         self.stage = BandStage(
-            model, band, steps=p.steps, window=p.window, bands=p.bands, guidance=p.guidance,
-            shift=p.shift, train_steps=p.train_steps, resolution=p.resolution,
+            model, band, queue_schedule(cfg), guidance=p.guidance, resolution=p.resolution,
             device=cfg.device, dtype=model_dtype(cfg), batch_sessions=bool(cfg.serve.stage.batch_sessions),
         )
         context = ray.get_runtime_context()
@@ -69,7 +75,7 @@ class StageActor:
     def close(self, session_id: str) -> None:
         self.stage.close(session_id)
 
-    def round(self, entering: dict[str, StageFrame], phases: dict[str, Phase]) -> tuple[dict, float]:
+    def round(self, entering: dict[str, LatentFrame], phases: dict[str, Phase]) -> tuple[dict, float]:
         """The stage's round, and the seconds it worked on it (its model calls and updates)."""
         start = time.perf_counter()
         out = self.stage.round(entering, phases)
@@ -159,11 +165,11 @@ class DenoiserPool:
         ray.get([stage.open.remote(session_id) for stage in pipeline.stages])
         p = self.cfg.pipeline
         shape = frame_shape(views, self.latent_channels, p.resolution)
-        front = QueueFront(p.steps, p.window, p.bands, shape, self.seeds[session_id], p.text_interval)
+        front = QueueFront(queue_schedule(self.cfg), shape, self.seeds[session_id], p.text_interval)
         self.fronts[session_id] = front
         self.where[session_id] = pipeline
         pipeline.sessions.add(session_id)
-        return front.depth
+        return front.schedule.depth
 
     def close(self, session_id: str) -> None:
         pipeline = self.where.pop(session_id, None)
@@ -204,8 +210,8 @@ class DenoiserPool:
             waiting = [{sid: f for sid, f in pending.items() if sid not in mine} for pending in pipeline.pending]
             phases = {}
             for sid, conditions in mine.items():
-                entry = self.fronts[sid].enter(conditions)
-                entering[entry.stage][sid] = entry.frame
+                entry = enter_conditions(self.fronts[sid], conditions)
+                entering[entry.band][sid] = entry.frame
                 phases[sid] = entry.phase
             waiting_by[pipeline.index] = waiting
             start = time.perf_counter()
@@ -227,7 +233,7 @@ class DenoiserPool:
             pipeline.pending = [{**waiting[0]}] + [{**w, **r} for w, r in zip(waiting[1:], results[:-1])]
             for handed in results[:-1]:
                 self.handover.frames += len(handed)
-                self.handover.bytes += sum(f.nbytes for f in handed.values())
+                self.handover.bytes += sum(handed_bytes(f) for f in handed.values())
             for sid, images in results[-1].items():
                 if sid in self.frames_out:
                     out[sid] = [(self.frames_out[sid], images)]

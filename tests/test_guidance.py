@@ -10,7 +10,7 @@ from dwm.pipelines import guidance as guidance_module
 from dwm.pipelines.fifo import BandedFifoQueue
 from dwm.pipelines.guidance import (
     UNCONDITIONAL_LAYOUT_VALUE,
-    GuidancePayload,
+    FrameContexts,
     GuidedStep,
     UnconditionalContexts,
     unconditional_inputs,
@@ -64,7 +64,7 @@ def grid(bands: int, window: int, guided: bool = True):
     """B rows of T payloads with distinct cond/uncond biases and scales."""
     return tuple(
         tuple(
-            GuidancePayload(context(10.0 * b + t, 2.0), context(-(10.0 * b + t), 0.5) if guided else None)
+            FrameContexts(context(10.0 * b + t, 2.0), context(-(10.0 * b + t), 0.5) if guided else None)
             for t in range(window)
         )
         for b in range(bands)
@@ -129,7 +129,7 @@ def test_contexts_are_stacked_once_per_shift(monkeypatch, scale, bands):
     queue = BandedFifoQueue(steps, window, bands, (V, C, H, W))
     extra = 3
     for k in range(window * bands + extra):
-        queue.push(GuidancePayload(context(k), context(-k)), step)
+        queue.push(FrameContexts(context(k), context(-k)), step)
     windows = 2 * bands if scale != 1.0 else bands
     # One stack for the warm-up, one per later shift; every model call still ran.
     assert stacks == [windows] * (1 + extra)

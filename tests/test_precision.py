@@ -18,9 +18,9 @@ from torch import nn
 from dwm.config import compose, instantiate
 from dwm.models.base import TextEmbedding
 from dwm.models.ctsd import AXIAL_QK_NORM_EPS, CrossviewTemporalDiT, Float32LayerNorm
-from dwm.pipelines.fifo import LATENT_DTYPE
-from dwm.pipelines.stages import BandStage, Phase, QueueFront, StageFrame, frame_shape
-from dwm.pipelines.streaming import StreamingPipeline, frame_contexts, model_dtype
+from dwm.pipelines.fifo import LATENT_DTYPE, LatentFrame, Phase, QueueFront, QueueSchedule
+from dwm.pipelines.stages import BandStage, enter_conditions
+from dwm.pipelines.streaming import StreamingPipeline, frame_contexts, frame_shape, model_dtype
 from tests.driving import packed_drive
 
 HALF = [torch.float16, torch.bfloat16]
@@ -78,7 +78,7 @@ def test_a_half_precision_pipelines_queue_keeps_float32_latents(dtype):
     assert seen and set(seen) == {dtype}  # the model ran in its dtype ...
     for band in pipeline.queue.bands:  # ... and the queue kept float32 between its steps
         assert band.latents.dtype == torch.float32
-    assert pipeline.queue.dtype == LATENT_DTYPE == torch.float32
+    assert LATENT_DTYPE == torch.float32
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_name)
@@ -86,16 +86,16 @@ def test_the_stage_hand_over_and_the_noise_are_float32_with_a_half_precision_mod
     cfg = compose({**SMALL, "model.dtype": dtype_name(dtype), "pipeline.bands": "2"})
     p = cfg.pipeline
     model = StreamingPipeline.build_model(cfg)
-    stage = BandStage(model, 0, steps=p.steps, window=p.window, bands=p.bands, guidance=p.guidance,
-                      resolution=p.resolution, dtype=model_dtype(cfg))
+    schedule = QueueSchedule(p.steps, p.window, p.bands)
+    stage = BandStage(model, 0, schedule, guidance=p.guidance, resolution=p.resolution, dtype=model_dtype(cfg))
     stage.open("s")
-    front = QueueFront(p.steps, p.window, p.bands, frame_shape(3, 16, p.resolution), seed=0)
-    handed: list[StageFrame] = []
+    front = QueueFront(schedule, frame_shape(3, 16, p.resolution), seed=0)
+    handed: list[LatentFrame] = []
     for conditions in packed_drive(cfg, 7)[0]:
-        entry = front.enter(conditions)
+        entry = enter_conditions(front, conditions)
         assert entry.frame.latent.dtype == torch.float32  # the noise
-        entering = {"s": entry.frame} if entry.stage == 0 else {}
-        if entry.phase == Phase.GATHER and entry.stage != 0:
+        entering = {"s": entry.frame} if entry.band == 0 else {}
+        if entry.phase == Phase.GATHER and entry.band != 0:
             continue  # band 1's frames; this test holds band 0 only
         handed += stage.round(entering, {"s": entry.phase}).values()
     assert handed and all(f.latent.dtype == torch.float32 for f in handed)
@@ -125,7 +125,7 @@ def test_an_update_below_the_models_precision_is_kept_by_the_queue():
     # The premise: the same steps applied to a bfloat16 latent are lost (where |x| >= 0.5,
     # bfloat16's spacing is at least 2^-8 = 0.0039, above twice each step's dt * v <= 6e-4).
     x = noise.to(torch.bfloat16)
-    for dt in (queue.sigmas[1:] - queue.sigmas[:-1]):
+    for dt in (queue.schedule.sigmas[1:] - queue.schedule.sigmas[:-1]):
         x = (x.float() + dt * velocity.float()).to(torch.bfloat16)
     large = noise.abs() >= 0.5
     assert large.any() and torch.equal(x[large], noise.to(torch.bfloat16)[large])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from dwm.pipelines.fifo import Band, BandedFifoQueue, Slot, advance_bands
+from dwm.pipelines.fifo import Band, BandedFifoQueue, LatentFrame, Shift
 from dwm.pipelines.schedule import flow_sigmas
 
 FRAME = (2, 2, 2, 3)  # (V, C, h, w), small so many configurations run quickly
@@ -176,7 +176,6 @@ def test_first_output_after_a_full_queue_then_one_per_push_in_push_order():
     out = []
     for k, target in enumerate(targets):
         assert queue.warming == (k < length)
-        assert queue.pushes_to_first_output == max(0, length - k)
         predicted = queue.calls_for_next_push
         progress = []
         before = len(recorder.calls)
@@ -192,20 +191,21 @@ def test_first_output_after_a_full_queue_then_one_per_push_in_push_order():
     assert len(queue) == length - 1
 
 
-def test_flush_returns_the_remaining_frames_in_order_and_empties_the_queue():
+def test_the_frames_inside_come_out_in_order_behind_l_minus_1_more():
     window, bands, per_shift = 2, 2, 1
     length = window * bands
     for pushes in (2, length + 3):  # while gathering, and once running
         queue = BandedFifoQueue(per_shift * length, window, bands, FRAME)
         recorder = Recorder()
         targets = make_targets(pushes)
-        out = [f for f in (queue.push(t, recorder) for t in targets) if f is not None]
-        out += queue.flush(recorder)
+        padding = make_targets(length - 1, seed=9)
+        out = [f for f in (queue.push(t, recorder) for t in targets + padding) if f is not None]
         assert [f.payload for f in out] == targets
         for frame in out:
             torch.testing.assert_close(frame.latent, frame.payload.x0, atol=1e-5, rtol=1e-5)
+        assert len(queue) == length - 1
+        queue.reset()
         assert len(queue) == 0 and queue.warming
-        assert queue.flush(recorder) == []
 
 
 def damped(latents, timesteps, payloads):
@@ -242,8 +242,8 @@ def shift_outputs(queue: BandedFifoQueue, leaving) -> list[torch.Tensor]:
     """What each band produced in the last shift: its T advanced frames, cleanest first."""
     outputs = []
     for b, band in enumerate(queue.bands):
-        handed = queue.bands[b + 1].latents[-1] if b + 1 < queue.num_bands else leaving.latent
-        outputs.append(torch.cat([handed[None], band.latents[: queue.window - 1]]))
+        handed = queue.bands[b + 1].latents[-1] if b + 1 < len(queue.bands) else leaving.latent
+        outputs.append(torch.cat([handed[None], band.latents[: queue.schedule.window - 1]]))
     return outputs
 
 
@@ -276,14 +276,19 @@ def test_a_band_advanced_alone_matches_its_part_of_the_batch():
         bands = [Band(window) for _ in range(n_bands)]
         for b, band in enumerate(bands):
             for t in range(window):
-                band.receive(Slot(torch.randn(FRAME, generator=g), float(b * window + t), 2 * b + t))
+                band.receive(LatentFrame(torch.randn(FRAME, generator=g), 2 * b + t, float(b * window + t)))
         return bands
+
+    def advance(bands: list[Band], delays: torch.Tensor) -> None:
+        shift = Shift(bands, sigmas, 4, delays)
+        shift.run(coupled)
+        shift.finish()
 
     together, alone = fill(), fill()
     delays = torch.tensor([[0, 1, 2]] * n_bands)
-    advance_bands(together, coupled, sigmas, 4, delays)
+    advance(together, delays)
     for band, part in zip(alone, delays):
-        band.advance(coupled, sigmas, 4, part)
+        advance([band], part[None])
     for x, y in zip(together, alone):
         assert torch.equal(x.latents, y.latents)
         assert torch.equal(x.indices, y.indices)

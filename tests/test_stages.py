@@ -12,8 +12,9 @@ import torch
 
 from dwm.conditions.packed import PackedConditions
 from dwm.config import compose
-from dwm.pipelines.stages import BandStage, Phase, QueueFront, frame_shape
-from dwm.pipelines.streaming import StreamingPipeline
+from dwm.pipelines.fifo import Phase, QueueFront, QueueSchedule
+from dwm.pipelines.stages import BandStage, enter_conditions
+from dwm.pipelines.streaming import StreamingPipeline, frame_shape
 from tests.driving import packed_drive
 
 FRAMES = 14
@@ -30,9 +31,9 @@ class StagedQueue:
     def __init__(self, cfg, model, batch_sessions: bool = True):
         p = cfg.pipeline
         self.cfg, self.bands = cfg, p.bands
+        self.schedule = QueueSchedule(p.steps, p.window, p.bands, p.shift, p.train_steps)
         self.stages = [
-            BandStage(model, b, steps=p.steps, window=p.window, bands=p.bands, guidance=p.guidance,
-                      shift=p.shift, train_steps=p.train_steps, resolution=p.resolution,
+            BandStage(model, b, self.schedule, guidance=p.guidance, resolution=p.resolution,
                       batch_sessions=batch_sessions)
             for b in range(p.bands)
         ]
@@ -43,7 +44,7 @@ class StagedQueue:
     def open(self, session_id: str, seed: int) -> None:
         p = self.cfg.pipeline
         shape = frame_shape(3, self.latent_channels, p.resolution)
-        self.fronts[session_id] = QueueFront(p.steps, p.window, p.bands, shape, seed, p.text_interval)
+        self.fronts[session_id] = QueueFront(self.schedule, shape, seed, p.text_interval)
         for stage in self.stages:
             stage.open(session_id)
 
@@ -51,8 +52,8 @@ class StagedQueue:
         entering = [dict(self.pending[b]) for b in range(self.bands)]
         phases = {}
         for session_id, conditions in frames.items():
-            entry = self.fronts[session_id].enter(conditions)
-            entering[entry.stage][session_id] = entry.frame
+            entry = enter_conditions(self.fronts[session_id], conditions)
+            entering[entry.band][session_id] = entry.frame
             phases[session_id] = entry.phase
         out = [stage.round(entering[b], phases) for b, stage in enumerate(self.stages)]
         self.pending = [{}] + out[:-1]
@@ -106,6 +107,6 @@ def test_sessions_batched_on_stages_get_their_own_frames():
 def test_a_stage_refuses_a_session_it_does_not_hold():
     cfg = compose({"pipeline.steps": "6", "pipeline.window": "3"})
     model = StreamingPipeline.build_model(cfg)
-    stage = BandStage(model, 0, steps=6, window=3, bands=1)
+    stage = BandStage(model, 0, QueueSchedule(6, 3, 1))
     with pytest.raises(KeyError, match="holds no queue for sessions \\['ghost'\\]"):
         stage.round({}, {"ghost": Phase.RUN})

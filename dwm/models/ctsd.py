@@ -33,6 +33,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.adapter import AdapterBlock
 from diffusers.models.attention import FeedForward, JointTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import (
@@ -60,44 +61,27 @@ LAYOUT_CHANNELS = 6  # 3D-box image then HD-map image, RGB each
 VAE_DOWNSCALE = 8  # pixels per latent cell (the SD3 VAE)
 
 
-class AdapterResnetBlock(nn.Module):
-    """T2I-Adapter's residual block: 3x3 conv, ReLU, 1x1 conv, plus the input."""
+def _adapter_stage(in_channels: int, width: int, num_res_blocks: int, pool: int | None) -> AdapterBlock:
+    """One stage of the layout adapter: diffusers' T2I-Adapter `AdapterBlock` (average pool,
+    a 1x1 conv where the channels change, then residual blocks of 3x3 conv, ReLU, 1x1 conv).
 
-    def __init__(self, channels: int):
-        super().__init__()
-        self.block1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.act = nn.ReLU()
-        self.block2 = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block2(self.act(self.block1(x)))
-
-
-class AdapterBlock(nn.Module):
-    """One stage of the layout adapter: (the first stage only) average pool by the patch size
-    and a 1x1 conv to the model width, then residual blocks."""
-
-    def __init__(self, width: int, num_res_blocks: int, in_channels: int | None = None, pool: int = 1):
-        super().__init__()
-        if in_channels is not None:
-            # ceil_mode: an odd latent size still gives ceil(h/p) x ceil(w/p) tokens.
-            self.downsample = nn.AvgPool2d(pool, ceil_mode=True)
-            self.in_conv = nn.Conv2d(in_channels, width, 1)
-        self.resnets = nn.Sequential(*(AdapterResnetBlock(width) for _ in range(num_res_blocks)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "in_conv"):
-            x = self.in_conv(self.downsample(x))
-        return self.resnets(x)
+    pool: the first stage pools by the patch size, so that the features have one cell per
+    image token (diffusers' block pools by 2); ceil_mode, as diffusers', so an odd latent size
+    still gives ceil(h/p) x ceil(w/p) tokens. None: no pooling (the later stages).
+    """
+    stage = AdapterBlock(in_channels, width, num_res_blocks, down=pool is not None)
+    if pool is not None:
+        stage.downsample = nn.AvgPool2d(pool, ceil_mode=True)  # no parameters: keys unchanged
+    return stage
 
 
 class ImageAdapter(nn.Module):
     """Layout images -> one feature map per early transformer block (T2I-Adapter style).
 
     (B, 6, H, W) -> PixelUnshuffle(8) -> (B, 384, H/8, W/8) -> stage 0: average pool by the
-    patch size, 1x1 conv to D, residual blocks -> stages 1..K-1: residual blocks; stage k's
-    output goes through a 1x1 conv (`zero_convs[k]`) and is added to the image tokens before
-    transformer block k.
+    patch size, 1x1 conv to D, residual blocks -> stages 1..K-1: residual blocks (each stage
+    a diffusers `AdapterBlock`, see `_adapter_stage`); stage k's output goes through a 1x1
+    conv (`zero_convs[k]`) and is added to the image tokens before transformer block k.
 
     zero_init: the released model zero-initialises the `zero_convs`, so that its training
     started from a model the layout does not disturb, and then learned them (its checkpoint
@@ -113,7 +97,8 @@ class ImageAdapter(nn.Module):
         self.width = width
         self.unshuffle = nn.PixelUnshuffle(VAE_DOWNSCALE)
         self.body = nn.ModuleList(
-            AdapterBlock(width, num_res_blocks, unshuffled if k == 0 else None, patch_size) for k in range(num_stages)
+            _adapter_stage(width if k else unshuffled, width, num_res_blocks, None if k else patch_size)
+            for k in range(num_stages)
         )
         self.zero_convs = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(num_stages))
         if zero_init:

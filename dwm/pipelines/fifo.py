@@ -17,10 +17,19 @@ Order of slots (the convention everywhere below):
 With B=1, N=24, T=6 (s=4) this is exactly the reference schedule: a 24-call warm-up with
 idx_j = max(0, i - 4j) once six frames have arrived, then four calls per output frame.
 
-A `Band` is the unit that could live on its own device: it holds its T slots, advances them
-with a step function, and hands over one `Slot` (one latent frame, its payload and step
-index) per shift. `BandedFifoQueue` composes B bands and, on one device, advances all their
-windows as one batch.
+The parts, each the one place of its rules:
+
+- `QueueSchedule`: N, T, B and what follows from them (sigmas, the warm-up's delays, the
+  steps each `Phase` of a push runs, the check on a leaving frame).
+- `QueueFront`: a session's side of the queue that lives on no device: the seeded noise of
+  new frames, the band each enters, the phase its push runs, and the text refresh.
+- `Band`: T slots, the unit that can live on its own device; it takes in and hands over one
+  `LatentFrame` (a latent, its step index and its payload) per shift.
+- `Shift`: the Euler steps of one push over full bands, prepared up front.
+
+`BandedFifoQueue` is a front and B bands on one device, advancing all their windows as one
+batch; the stages of a denoiser pool (`dwm.pipelines.stages`) hold the same bands one per
+device, with the session's front in the coordinator.
 
 Precision: latents, noise and every hand-over are float32 (`LATENT_DTYPE`), whatever the
 model's dtype. Near the end of a frame's life one Euler step moves a latent by
@@ -35,6 +44,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -66,32 +77,40 @@ class StepFunction(Protocol):
     ) -> torch.Tensor: ...
 
 
+class Phase(str, Enum):
+    """What a push does, from the number of frames pushed before it."""
+
+    GATHER = "gather"  # the first L - 1 frames only enter
+    WARM_UP = "warm_up"  # the L-th frame: every band runs the N-step warm-up
+    RUN = "run"  # every band advances s steps and hands one frame on
+
+
 @dataclass
-class Slot:
-    """One frame of the queue: latent (V, C, h, w) float32, its opaque payload, and how many
-    Euler steps it has had (index into the sigmas; N means clean)."""
+class LatentFrame:
+    """One frame on its way through the queue.
+
+    latent: (V, C, h, w), float32 inside the queue; index: Euler steps it has had (into the
+    sigmas: 0 is pure noise, N is clean); payload: what its owner attached, opaque to the
+    queue (the step function reads it, and it comes back with the frame). The same data at
+    every point of a frame's life: noise entering band 0, handed from band to band (between
+    stages on the CPU, about 160 KB at the reference size: 3 x 16 x 22 x 38 x 4 bytes, with
+    its compact conditions as payload), leaving clean.
+    """
 
     latent: torch.Tensor
-    payload: Any
     index: int
-
-
-class LeavingFrame(NamedTuple):
-    """A finished frame: latent (V, C, h, w) at sigma 0, and the payload it was pushed with."""
-
-    latent: torch.Tensor
     payload: Any
 
 
 class Band:
-    """T consecutive slots of the queue, position 0 the cleanest.
+    """T consecutive slots of the queue, position 0 the cleanest, on one device.
 
-    State: `latents` (n, V, C, h, w) float32 on the latents' device, `indices` (n,) long step
-    indices on the CPU (the schedule is computed there), `payloads` (n items), n <= T.
+    State: `latents` (n, V, C, h, w) float32 on `device`, `indices` (n,) long step indices on
+    the CPU (the schedule is computed there), `payloads` (n items), n <= T.
     """
 
-    def __init__(self, window: int):
-        self.window = window
+    def __init__(self, window: int, device: torch.device | str = "cpu"):
+        self.window, self.device = window, torch.device(device)
         self.latents: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None
         self.payloads: list[Any] = []
@@ -103,43 +122,30 @@ class Band:
     def full(self) -> bool:
         return len(self) == self.window
 
-    def receive(self, slot: Slot) -> None:
-        """Append a frame at the noisy end (position n); its latent is kept in float32."""
+    def receive(self, frame: LatentFrame) -> None:
+        """Append a frame at the noisy end (position n), its latent moved to this band's
+        device in float32."""
         if self.full:
             raise RuntimeError(f"band is full ({self.window} slots)")
-        latent = slot.latent.to(LATENT_DTYPE)[None]
-        index = torch.tensor([slot.index], dtype=torch.long)  # step indices live on the CPU
+        latent = frame.latent.to(self.device, LATENT_DTYPE)[None]
+        index = torch.tensor([frame.index], dtype=torch.long)  # step indices live on the CPU
         if self.latents is None:
             self.latents, self.indices = latent, index
         else:
             self.latents = torch.cat([self.latents, latent])
             self.indices = torch.cat([self.indices, index])
-        self.payloads.append(slot.payload)
+        self.payloads.append(frame.payload)
 
-    def hand_over(self) -> Slot:
+    def hand_over(self) -> LatentFrame:
         """Remove and return the cleanest frame (position 0)."""
         if not self.payloads:
             raise RuntimeError("band is empty")
-        slot = Slot(self.latents[0], self.payloads.pop(0), int(self.indices[0]))
+        frame = LatentFrame(self.latents[0], int(self.indices[0]), self.payloads.pop(0))
         self.latents, self.indices = self.latents[1:], self.indices[1:]
-        return slot
+        return frame
 
     def clear(self) -> None:
         self.latents, self.indices, self.payloads = None, None, []
-
-    def advance(
-        self,
-        step_fn: StepFunction,
-        sigmas: torch.Tensor,
-        steps: int,
-        delays: torch.Tensor | None = None,
-        on_call: Callable[[int], None] | None = None,
-    ) -> None:
-        """Run `steps` Euler steps on this band alone (the step function sees B=1).
-
-        sigmas (N+1,) float32 CPU; delays (T,) long, optional: see `advance_bands`.
-        """
-        advance_bands([self], step_fn, sigmas, steps, None if delays is None else delays[None], on_call)
 
 
 class Shift:
@@ -148,8 +154,11 @@ class Shift:
     The whole schedule is known before the first model call, so it is computed once on the
     CPU and moved to the latents' device: the step loop is then only the model call and the
     update. A caller runs the steps itself (`run`) or interleaves the steps of several
-    queues' shifts, one model call for all of them per step (`dwm.pipelines.streaming.push_many`).
+    queues' shifts, one model call for all of them per step (`dwm.pipelines.streaming.run_shifts`).
 
+    sigmas (N+1,) float32 on the CPU. delays (B, T) long, optional: slot (b, t) is only
+    updated from step `delays[b, t]` on; before that it stays where it is (pure noise at
+    index 0 during the warm-up) but still sits in the window.
     latents (B, T, V, C, h, w): the windows, stacked; timesteps (steps, B, T, V) float32 =
     sigma * 1000 per slot and step, repeated over views; grid: the shift's `PayloadGrid`.
     """
@@ -217,47 +226,162 @@ class Shift:
             band.latents, band.indices = self.latents[b], self._end_indices[b]
 
 
-def advance_bands(
-    bands: Sequence[Band],
-    step_fn: StepFunction,
-    sigmas: torch.Tensor,
-    steps: int,
-    delays: torch.Tensor | None = None,
-    on_call: Callable[[int], None] | None = None,
-) -> None:
-    """Advance the full windows of `bands` by `steps` Euler steps, as one batch.
+@dataclass(frozen=True)
+class QueueSchedule:
+    """N, T and B of a queue, and what follows from them.
 
-    sigmas (N+1,) float32 on the CPU. delays (B, T) long, optional: slot (b, t) is only
-    updated from local step `delays[b, t]` on; before that it stays where it is (pure noise at
-    index 0 during the warm-up) but still sits in the window. See `Shift` for the update.
+    steps: N, Euler steps each frame gets; window: T, frames the model sees at once; bands:
+    B. N must be a multiple of L = B*T: each push advances every frame s = N / L steps.
+    shift, train_steps: the flow-matching schedule's sigma shift and training steps
+    (`flow_sigmas`).
     """
-    shift = Shift(bands, sigmas, steps, delays)
-    shift.run(step_fn, on_call)
-    shift.finish()
+
+    steps: int
+    window: int
+    bands: int
+    shift: float = 3.0
+    train_steps: int = 1000
+
+    def __post_init__(self):
+        for name in ("steps", "window", "bands"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        length = self.length
+        if self.steps % length:
+            raise ValueError(
+                f"steps ({self.steps}) must be a multiple of window * bands ({self.window} * "
+                f"{self.bands} = {length}), so that every frame advances the same whole number "
+                f"of steps per push; allowed: steps in {[length * k for k in range(1, 5)]}..."
+            )
+
+    @property
+    def length(self) -> int:
+        """L = B*T, the frames the queue holds."""
+        return self.window * self.bands
+
+    @property
+    def steps_per_shift(self) -> int:
+        """s = N / L, the steps every frame advances per push once the queue runs."""
+        return self.steps // self.length
+
+    @property
+    def depth(self) -> int:
+        """Frames between a frame's conditions entering and its picture leaving (L - 1)."""
+        return self.length - 1
+
+    @cached_property
+    def sigmas(self) -> torch.Tensor:
+        """(N+1,) float32 on the CPU, 1.0 .. 0."""
+        return flow_sigmas(self.steps, self.shift, self.train_steps)
+
+    @cached_property
+    def warmup_delays(self) -> torch.Tensor:
+        """(B, T) long: the warm-up step at which slot (b, t) starts, s*j for slot j counted
+        from the cleanest, so that at the end of the N-step warm-up slot j sits at N - s*j."""
+        cleanest_first = torch.arange(self.length).view(self.bands, self.window).flip(0)  # (B, T) -> j
+        return self.steps_per_shift * cleanest_first
+
+    def phase(self, pushed: int) -> Phase:
+        """The phase of the push of frame `pushed` (0-based)."""
+        if pushed < self.length - 1:
+            return Phase.GATHER
+        return Phase.WARM_UP if pushed == self.length - 1 else Phase.RUN
+
+    def calls(self, phase: Phase) -> int:
+        """Model calls a push in `phase` makes: 0 while gathering, N for the warm-up, s after."""
+        return {Phase.GATHER: 0, Phase.WARM_UP: self.steps, Phase.RUN: self.steps_per_shift}[phase]
+
+    def shift_for(self, phase: Phase, bands: Sequence[Band], first: int = 0) -> Shift | None:
+        """The Euler steps a push in `phase` runs over `bands`, which are bands first,
+        first + 1, ... of the queue (all B in one piece, one on a stage); None while gathering."""
+        if phase is Phase.GATHER:
+            return None
+        delays = self.warmup_delays[first : first + len(bands)] if phase is Phase.WARM_UP else None
+        return Shift(bands, self.sigmas, self.calls(phase), delays)
+
+    def leaving(self, frame: LatentFrame) -> LatentFrame:
+        """The last band's cleanest frame, which leaves the queue: it must have had all N steps."""
+        if frame.index != self.steps:
+            raise RuntimeError(f"leaving frame has had {frame.index} of {self.steps} steps")
+        return frame
 
 
-def warmup_delays(steps_per_shift: int, window: int, bands: int) -> torch.Tensor:
-    """(B, T) long: the warm-up step at which slot (b, t) starts, s*j for slot j counted from
-    the cleanest, so that at the end of the N-step warm-up slot j sits at step N - s*j."""
-    cleanest_first = torch.arange(window * bands).view(bands, window).flip(0)  # (B, T) -> j
-    return steps_per_shift * cleanest_first
+class Entry(NamedTuple):
+    """A new frame at the queue's front: the band it enters, the frame (its noise, index 0,
+    and payload), and the phase of the push it enters with."""
+
+    band: int
+    frame: LatentFrame
+    phase: Phase
 
 
-def gathering_band(pushed: int, window: int, bands: int) -> int:
-    """The band the `pushed`-th frame (0-based, pushed < B*T) enters while the queue gathers:
-    the queue fills from the clean end, so the first frame becomes slot 0."""
-    return bands - 1 - pushed // window
+class QueueFront:
+    """A session's side of the queue that lives on no device.
+
+    schedule: the queue's; frame_shape: (V, C, h, w) of one latent frame; seed: the noise
+    generator's (CPU, so that the same seed gives the same frames on any device);
+    text_interval: frames between caption refreshes.
+
+    Per push (`enter`): a fresh float32 noise frame; the band it enters (while the queue
+    gathers, the first L frames fill it from the clean end, so the first becomes slot 0;
+    then band 0); and the push's phase. Text: the reference re-encodes the captions every
+    `text_interval` frames and reuses the latest embedding in between (`refresh_text`).
+    """
+
+    def __init__(self, schedule: QueueSchedule, frame_shape: Sequence[int], seed: int = 0, text_interval: int = 4):
+        frame_shape = tuple(int(n) for n in frame_shape)
+        if len(frame_shape) != 4 or min(frame_shape) < 1:
+            raise ValueError(f"frame_shape must be (V, C, h, w) of positive sizes, got {frame_shape}")
+        if text_interval < 1:
+            raise ValueError(f"text_interval={text_interval} must be >= 1")
+        self.schedule, self.frame_shape, self.text_interval = schedule, frame_shape, text_interval
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        self.reset()
+
+    def reset(self, seed: int | None = None) -> None:
+        """A new stream: the noise restarts from `seed` (default: the front's seed)."""
+        if seed is not None:
+            self.seed = seed
+        self.generator.manual_seed(self.seed)
+        self.pushed = 0
+        self.text: tuple[str, ...] | None = None  # the captions of the latest refresh
+
+    @property
+    def warming(self) -> bool:
+        """True until the warm-up has run (fewer than L frames have arrived)."""
+        return self.pushed < self.schedule.length
+
+    @property
+    def calls_for_next_push(self) -> int:
+        """Model calls the next push will make: 0 while gathering, N for the warm-up, s after."""
+        return self.schedule.calls(self.schedule.phase(self.pushed))
+
+    def refresh_text(self, captions: Sequence[str]) -> bool:
+        """Whether the next frame's captions are encoded (the first frame's, then every
+        `text_interval`-th); if so they become `text`, the captions the frames are generated
+        with until the next refresh. Call before `enter`."""
+        if self.text is not None and self.pushed % self.text_interval:
+            return False
+        self.text = tuple(captions)
+        return True
+
+    def enter(self, payload: Any) -> Entry:
+        """A new frame with `payload`: its noise, the band it enters and its push's phase."""
+        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=LATENT_DTYPE)
+        k, schedule = self.pushed, self.schedule
+        self.pushed += 1
+        band = schedule.bands - 1 - k // schedule.window if k < schedule.length else 0
+        return Entry(band, LatentFrame(noise, 0, payload), schedule.phase(k))
 
 
 class BandedFifoQueue:
-    """A session's denoising queue of L = bands * window frames.
+    """A session's denoising queue on one device: a `QueueFront` and B `Band`s.
 
-    steps: N, Euler steps each frame gets; window: T, frames the model sees at once;
-    bands: B; frame_shape: (V, C, h, w) of one latent frame. N must be a multiple of B*T;
-    each push advances every frame s = N / (B*T) steps. shift, train_steps: the flow-matching
-    schedule (`flow_sigmas`). seed: the queue's own noise generator (CPU, so the same seed
-    gives the same frames on any device). device: of the latents, which are float32 whatever
-    the model's dtype (see "Precision" above).
+    steps, window, bands, shift, train_steps: the `QueueSchedule`; frame_shape, seed,
+    text_interval: the `QueueFront`; device: of the latents, which are float32 whatever the
+    model's dtype (see "Precision" above).
 
     Life of a stream: the first L-1 pushes only gather (no model call); the L-th push runs
     the N-step warm-up over all slots and returns the first frame; every later push runs s
@@ -274,44 +398,18 @@ class BandedFifoQueue:
         train_steps: int = 1000,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        text_interval: int = 4,
     ):
-        for name, value in (("steps", steps), ("window", window), ("bands", bands)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        length = window * bands
-        if steps % length:
-            raise ValueError(
-                f"steps ({steps}) must be a multiple of window * bands ({window} * {bands} = "
-                f"{length}), so that every frame advances the same whole number of steps per "
-                f"push; allowed: steps in {[length * k for k in range(1, 5)]}..."
-            )
-        frame_shape = tuple(int(n) for n in frame_shape)
-        if len(frame_shape) != 4 or min(frame_shape) < 1:
-            raise ValueError(f"frame_shape must be (V, C, h, w) of positive sizes, got {frame_shape}")
-        self.steps, self.window, self.num_bands = steps, window, bands
-        self.length = length
-        self.steps_per_shift = steps // length
-        self.frame_shape = frame_shape
-        self.dtype, self.device = LATENT_DTYPE, torch.device(device)
-        self.sigmas = flow_sigmas(steps, shift, train_steps)  # (N+1,) float32, CPU
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.bands = [Band(window) for _ in range(bands)]
-        # Warm-up: slot j starts s*j steps late, so it ends at index N - s*j.
-        self._warmup_delays = warmup_delays(self.steps_per_shift, window, bands)
-        self.reset()
-
-    # -- state ---------------------------------------------------------------------------
+        self.schedule = QueueSchedule(steps, window, bands, shift, train_steps)
+        self.front = QueueFront(self.schedule, frame_shape, seed, text_interval)
+        self.device = torch.device(device)
+        self.bands = [Band(window, self.device) for _ in range(bands)]
 
     def reset(self, seed: int | None = None) -> None:
         """Empty the queue and restart its noise from `seed` (default: the queue's seed)."""
-        if seed is not None:
-            self.seed = seed
-        self.generator.manual_seed(self.seed)
+        self.front.reset(seed)
         for band in self.bands:
             band.clear()
-        self.pushed = 0
-        self._last_payload: Any = None
 
     def __len__(self) -> int:
         """Frames inside the queue (L-1 between pushes once it runs)."""
@@ -319,27 +417,21 @@ class BandedFifoQueue:
 
     @property
     def warming(self) -> bool:
-        """True until the warm-up has run (fewer than L frames have arrived)."""
-        return self.pushed < self.length
-
-    @property
-    def pushes_to_first_output(self) -> int:
-        """Pushes still needed before one returns a frame (counting that push); 0 once running."""
-        return max(0, self.length - self.pushed)
+        return self.front.warming
 
     @property
     def calls_for_next_push(self) -> int:
-        """Model calls the next push will make: 0 while gathering, N for the warm-up, s after."""
-        if self.pushed + 1 < self.length:
-            return 0
-        return self.steps if self.pushed + 1 == self.length else self.steps_per_shift
+        return self.front.calls_for_next_push
 
-    # -- stream --------------------------------------------------------------------------
+    @property
+    def steps_per_shift(self) -> int:
+        return self.schedule.steps_per_shift
 
     def push(
         self, payload: Any, step_fn: StepFunction, on_step: ProgressCallback | None = None
-    ) -> LeavingFrame | None:
-        """A new frame enters as noise; returns the frame that leaves, if one does.
+    ) -> LatentFrame | None:
+        """A new frame enters as noise; returns the frame that leaves (latent at sigma 0 and
+        the payload it was pushed with), if one does.
 
         payload: the frame's precomputed context, handed to `step_fn` and back with the frame.
         step_fn: the model side (see `StepFunction`); passed per push so the queue holds no
@@ -357,50 +449,15 @@ class BandedFifoQueue:
         """The first half of `push`: a fresh noise frame enters with `payload`; returns the
         shift to run (N steps for the warm-up, s after), or None while the queue gathers.
         Run all its steps, then call `end_push` with it before the next push."""
-        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=LATENT_DTYPE)
-        slot = Slot(noise.to(self.device), payload, 0)
-        if self.warming:
-            # Gathering fills the queue from the clean end: the first frame becomes slot 0.
-            self.bands[gathering_band(self.pushed, self.window, self.num_bands)].receive(slot)
-        else:
-            self.bands[0].receive(slot)
-        self.pushed += 1
-        self._last_payload = payload
-        if self.warming:
-            return None
-        if self.pushed == self.length:  # the L-th frame: warm up all slots
-            return Shift(self.bands, self.sigmas, self.steps, self._warmup_delays)
-        return Shift(self.bands, self.sigmas, self.steps_per_shift)
+        entry = self.front.enter(payload)
+        self.bands[entry.band].receive(entry.frame)
+        return self.schedule.shift_for(entry.phase, self.bands)
 
-    def end_push(self, shift: Shift) -> LeavingFrame:
+    def end_push(self, shift: Shift) -> LatentFrame:
         """The second half of `push`: store the stepped windows, hand each band's cleanest
         frame on, and return the frame that leaves."""
         shift.finish()
-        leaving = self.bands[-1].hand_over()
-        if leaving.index != self.steps:
-            raise RuntimeError(f"leaving frame has had {leaving.index} of {self.steps} steps")
-        for b in range(self.num_bands - 2, -1, -1):
-            self.bands[b + 1].receive(self.bands[b].hand_over())
-        return LeavingFrame(leaving.latent, leaving.payload)
-
-    def flush(self, step_fn: StepFunction, on_step: ProgressCallback | None = None) -> list[LeavingFrame]:
-        """Finish every frame still inside and return them in order; the queue is then empty.
-
-        Pushes L-1 padding frames (fresh noise, the last payload) behind them, so each real
-        frame still gets its N steps in a full window; the padding is discarded. Costs
-        (L-1)*s model calls once running. The noise generator is not re-seeded.
-        """
-        out: list[LeavingFrame] = []
-        if len(self) == 0:
-            return out
-        inside, payload = len(self), self._last_payload
-        for _ in range(self.length - 1):
-            frame = self.push(payload, step_fn, on_step)
-            if frame is not None:
-                out.append(frame)
-        if len(out) != inside:
-            raise RuntimeError(f"flush returned {len(out)} frames of {inside}")
-        for band in self.bands:
-            band.clear()
-        self.pushed = 0
-        return out
+        handed = [band.hand_over() for band in self.bands]
+        for band, frame in zip(self.bands[1:], handed):
+            band.receive(frame)
+        return self.schedule.leaving(handed[-1])

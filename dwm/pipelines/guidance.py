@@ -1,8 +1,8 @@
 """Classifier-free guidance over a `Denoiser`, as a step function of the FIFO queue.
 
-A frame's payload in the queue is the pair (cond, uncond) of its `FrameContext`s, each a dict
-of tensors with a leading view axis V (see `dwm.models.base`). `GuidancePayload` is the named
-form; any sequence whose first two items are (cond, uncond) works.
+A frame's payload in the queue is its `FrameContexts`: the conditional and unconditional
+`FrameContext`, each a dict of tensors with a leading view axis V (see `dwm.models.base`),
+and its conditions.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,11 +24,18 @@ from dwm.pipelines.fifo import PayloadGrid
 UNCONDITIONAL_LAYOUT_VALUE = 0.1255
 
 
-class GuidancePayload(NamedTuple):
-    """A frame's contexts. uncond may be None when guidance is off (scale 1)."""
+class FrameContexts(NamedTuple):
+    """A frame's payload where the model steps it: its contexts, built once as it enters (a
+    band), and the conditions it carries on (back out of the queue, or to the next stage).
+
+    cond: the conditional context; uncond: the unconditional one, None when guidance is off
+    (scale 1); conditions: the frame's `ConditionFrame` in a queue in one piece, its
+    `PackedConditions` on a stage.
+    """
 
     cond: FrameContext
     uncond: FrameContext | None = None
+    conditions: Any = None
 
 
 def stack_contexts(rows: Sequence[Sequence[FrameContext]]) -> FrameContext:
@@ -45,7 +52,8 @@ def stack_contexts(rows: Sequence[Sequence[FrameContext]]) -> FrameContext:
 
 
 class GuidedStep:
-    """Step function for `BandedFifoQueue`: v = v_u + g * (v_c - v_u).
+    """Step function for `BandedFifoQueue` over payloads of `FrameContexts`:
+    v = v_u + g * (v_c - v_u).
 
     With guidance != 1 the denoiser runs once per step on 2B windows, the unconditional half
     first (as the reference batches it); with guidance == 1 it runs on the B conditional
@@ -70,9 +78,9 @@ class GuidedStep:
     def context(self, payloads: PayloadGrid) -> FrameContext:
         """The batch context of a shift, each tensor (2B or B, T, V, ...); cached per grid."""
         if payloads is not self._grid:
-            cond = [[payload[0] for payload in row] for row in payloads]
+            cond = [[payload.cond for payload in row] for row in payloads]
             if self.guided:
-                uncond = [[payload[1] for payload in row] for row in payloads]
+                uncond = [[payload.uncond for payload in row] for row in payloads]
                 if any(c is None for row in uncond for c in row):
                     raise ValueError(
                         f"guidance is {self.guidance}, so every payload needs an unconditional "

@@ -20,8 +20,8 @@ from dwm.conditions.frame import ConditionFrame
 from dwm.config import ConfigError, instantiate
 from dwm.models.base import Denoiser, FrameContext, LatentDecoder, TextEmbedding, TextEncoder
 from dwm.models.checkpoint import build_denoiser
-from dwm.pipelines.fifo import BandedFifoQueue, LeavingFrame, ProgressCallback, Shift
-from dwm.pipelines.guidance import GuidedStep, UnconditionalContexts
+from dwm.pipelines.fifo import BandedFifoQueue, LatentFrame, ProgressCallback, Shift
+from dwm.pipelines.guidance import FrameContexts, GuidedStep, UnconditionalContexts
 
 LATENT_SCALE = 8  # VAE downsampling: latent (h, w) = image (H/8, W/8)
 
@@ -42,21 +42,24 @@ class GeneratedFrame:
     pushed: int
 
 
-class QueuedFrame(NamedTuple):
-    """A queue payload: the frame's contexts (read by `GuidedStep` as payload[0] and [1]) and
-    its conditions, which come back with the finished latent."""
-
-    cond: FrameContext
-    uncond: FrameContext | None
-    frame: ConditionFrame
-
-
 class ModelParts(NamedTuple):
     """The model components a pipeline runs; built once and shared by driving sessions."""
 
     denoiser: Denoiser
     text_encoder: TextEncoder
     decoder: LatentDecoder
+
+
+def frame_shape(views: int, latent_channels: int, resolution: Sequence[int]) -> tuple[int, int, int, int]:
+    """(V, C, h, w) of one latent frame at the image resolution (H, W)."""
+    height, width = (int(n) for n in resolution)
+    return (views, latent_channels, height // LATENT_SCALE, width // LATENT_SCALE)
+
+
+def decode_views(decoder: LatentDecoder, frame: LatentFrame) -> torch.Tensor:
+    """The views of a frame leaving the queue: latent (V, C, h, w) float32 at sigma 0 ->
+    images (V, 3, H, W) float32 in [0, 1] on the CPU."""
+    return decoder.decode(frame.latent.float()).float().cpu()
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -125,22 +128,17 @@ class StreamingPipeline:
         height, width = (int(n) for n in resolution)
         if height % LATENT_SCALE or width % LATENT_SCALE:
             raise ValueError(f"pipeline.resolution={[height, width]} must be multiples of {LATENT_SCALE}")
-        if text_interval < 1:
-            raise ValueError(f"pipeline.text_interval={text_interval} must be >= 1")
         self.denoiser, self.text_encoder, self.decoder = denoiser, text_encoder, decoder
         self.resolution = (height, width)
         self.device, self.dtype = torch.device(device), dtype
-        self.text_interval = text_interval
-        frame_shape = (views, denoiser.latent_channels, height // LATENT_SCALE, width // LATENT_SCALE)
         self.queue = BandedFifoQueue(
-            steps, window, bands, frame_shape, shift=shift, train_steps=train_steps,
-            seed=seed, device=self.device,
+            steps, window, bands, frame_shape(views, denoiser.latent_channels, self.resolution),
+            shift=shift, train_steps=train_steps, seed=seed, device=self.device, text_interval=text_interval,
         )
         self.batch_bands = bool(batch_bands)
         self.step = GuidedStep(denoiser, guidance)
         self.unconditional = UnconditionalContexts(denoiser, text_encoder) if self.step.guided else None
-        self._text: TextEmbedding | None = None
-        self.frames_in = 0
+        self._text: TextEmbedding | None = None  # the embedding of `queue.front.text`
         self.frames_out = 0
 
     @staticmethod
@@ -183,14 +181,12 @@ class StreamingPipeline:
     @property
     def depth(self) -> int:
         """Frames between a frame's conditions entering and its picture leaving (L - 1)."""
-        return self.queue.length - 1
+        return self.queue.schedule.depth
 
-    def _text_embedding(self, captions: list[str]) -> TextEmbedding:
-        # The reference re-encodes captions every `text_interval` frames and reuses the
-        # latest embeddings in between.
-        if self._text is None or self.frames_in % self.text_interval == 0:
-            self._text = self.text_encoder.encode(captions)
-        return self._text
+    @property
+    def frames_in(self) -> int:
+        """Condition frames pushed since the stream began."""
+        return self.queue.front.pushed
 
     def push(self, frame: ConditionFrame, on_step: ProgressCallback | None = None) -> list[GeneratedFrame]:
         """Add a frame's conditions; returns the frames that leave the queue (zero or one)."""
@@ -198,12 +194,13 @@ class StreamingPipeline:
 
     def _begin(self, frame: ConditionFrame) -> Shift | None:
         """The per-frame work of a push (text, frame contexts) and the queue's shift to run."""
-        text = self._text_embedding(frame.captions)
+        front = self.queue.front
+        if front.refresh_text(frame.captions):
+            self._text = self.text_encoder.encode(list(front.text))
         cond, uncond = frame_contexts(
-            self.denoiser, self.unconditional, frame, text, self.resolution, self.device, self.dtype
+            self.denoiser, self.unconditional, frame, self._text, self.resolution, self.device, self.dtype
         )
-        self.frames_in += 1
-        return self.queue.begin_push(QueuedFrame(cond, uncond, frame))
+        return self.queue.begin_push(FrameContexts(cond, uncond, frame))
 
     def _generated(self, images: torch.Tensor, frame: ConditionFrame) -> GeneratedFrame:
         out = GeneratedFrame(images, frame, self.frames_out, self.frames_in)
@@ -213,8 +210,7 @@ class StreamingPipeline:
     def reset(self) -> None:
         """Empty the queue (a new stream); the next frames warm it up again."""
         self.queue.reset()
-        self._text = None
-        self.frames_in = self.frames_out = 0
+        self.frames_out = 0
 
 
 @torch.inference_mode()
@@ -240,7 +236,7 @@ def push_many(
     running = [(p, s) for p, s in zip(pipelines, shifts) if s is not None]
     run_shifts(running, on_step)
 
-    leaving: dict[int, LeavingFrame] = {}
+    leaving: dict[int, LatentFrame] = {}
     for p, s in running:
         leaving[id(p)] = p.queue.end_push(s)
     out: list[list[GeneratedFrame]] = []
@@ -249,8 +245,7 @@ def push_many(
         if frame is None:
             out.append([])
             continue
-        images = pipeline.decoder.decode(frame.latent.float()).float().cpu()  # (V, 3, H, W)
-        out.append([pipeline._generated(images, frame.payload.frame)])
+        out.append([pipeline._generated(decode_views(pipeline.decoder, frame), frame.payload.conditions)])
     return out
 
 
