@@ -22,7 +22,9 @@ import time
 
 import torch
 
+from dwm.conditions.builder import ConditionBuilder
 from dwm.config import compose, condition_fps, instantiate
+from dwm.pipelines.streaming import StreamingPipeline
 from dwm.session import DrivingSession
 from dwm.streaming.compose import compose_strip
 from dwm.streaming.encoder import VideoPublisher
@@ -59,8 +61,9 @@ def main() -> None:
 
     cfg = compose(args.overrides)
     world = instantiate(cfg, "world")
-    session = DrivingSession.from_config(cfg, world, ego_id="bench", autopilot=True)
-    pipeline = session.pipeline
+    builder = ConditionBuilder.from_config(cfg)
+    pipeline = StreamingPipeline.from_config(cfg, views=builder.num_views)
+    session = DrivingSession.start(world, builder, pipeline.depth, ego_id="bench", autopilot=True)
     denoise = Recorder(pipeline.denoiser.forward)
     context = Recorder(pipeline.denoiser.frame_context)
     decode = Recorder(pipeline.decoder.decode)
@@ -76,12 +79,12 @@ def main() -> None:
         cfg.stream, os.path.join(tmp, "bench.mp4"), fps=condition_fps(cfg)
     ) as publisher:
         while pipeline.warming:  # fill and warm the queue, untimed
-            session.step()
+            session.step(world, pipeline)
             world.tick()
         for n in range(1, args.frames + 1):
             denoise.seconds = context.seconds = decode.seconds = 0.0
             start = time.perf_counter()
-            for frame in session.step():
+            for frame in session.step(world, pipeline):
                 layout = frame.conditions.layout if cfg.stream.overlay else None
                 publisher.publish(compose_strip(frame.images, output_size, layout), frame.conditions.sim_time)
             world.tick()
@@ -107,7 +110,7 @@ def main() -> None:
     loop_ms = statistics.median(loop_times) * 1e3
     inside_ms = statistics.median(model_times) * 1e3
     bare_ms = statistics.median(bare) * 1e3
-    print(f"\nframe loop, {cfg.model.name} model, {session.builder.num_views} views, "
+    print(f"\nframe loop, {cfg.model.name} model, {builder.num_views} views, "
           f"N={cfg.pipeline.steps} T={cfg.pipeline.window} B={cfg.pipeline.bands} "
           f"guidance={cfg.pipeline.guidance}, {args.frames} frames, median per frame")
     print(f"| {'what':<46} | {'ms':>8} | {'vs bare':>8} |")

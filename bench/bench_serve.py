@@ -42,23 +42,21 @@ def bare_fps(overrides: list[str], sessions: int, frames: int) -> float:
     world = instantiate(cfg, "world")
     builder = ConditionBuilder.from_config(cfg)
     model = StreamingPipeline.build_model(cfg)
-    drivers = [
-        DrivingSession(world, builder, StreamingPipeline.from_config(cfg, builder.num_views, model=model), autopilot=True)
-        for _ in range(sessions)
-    ]
+    pipelines = [StreamingPipeline.from_config(cfg, builder.num_views, model=model) for _ in range(sessions)]
+    drivers = [(DrivingSession.start(world, builder, p.depth, autopilot=True), p) for p in pipelines]
     size, quality, overlay = tuple(cfg.pipeline.output_size), int(cfg.serve.jpeg_quality), bool(cfg.stream.overlay)
 
     def round_() -> int:
         out = 0
-        for d in drivers:
-            for frame in d.step():
+        for session, pipeline in drivers:
+            for frame in session.step(world, pipeline):
                 strip = compose_strip(frame.images, size, frame.conditions.layout if overlay else None)
                 encode_jpeg(strip, quality)
                 out += 1
         world.tick()
         return out
 
-    while drivers[0].pipeline.frames_out == 0:
+    while drivers[0][0].frames_out == 0:
         round_()
     start, made = time.perf_counter(), 0
     while made < frames * sessions:

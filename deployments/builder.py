@@ -1,7 +1,7 @@
 """The app builder: `serve run deployments:app key=value ...` composes `conf/` and binds the topology.
 
     client --HTTP--> Ingress --> SessionManager --+--> World      (one world for all egos, or one each)
-                                 (runners,        +--> Denoiser   (the model, every queue)
+                                 (sessions,       +--> Denoiser   (the model, every queue)
                                   publishers)
 
 `deployments.app({"world.map": "merge"})` is what `serve run deployments:app world.map=merge` does.

@@ -130,6 +130,15 @@ class SessionPublisher:
         for output in self.outputs.values():
             await asyncio.to_thread(output.close)
 
+    def end(self) -> None:
+        """`close` from synchronous code (the app shutting down): the frame being encoded is
+        dropped; the MP4 and the RTSP session are finished before this returns."""
+        self._closing = self.closed = True
+        if self._encoder is not None:
+            self._encoder.cancel()
+        for output in self.outputs.values():
+            output.close()
+
     def output_stats(self, kind: str) -> dict | None:
         """{published, dropped, error} of the "rtsp" or "recording" output; None without one.
         Frames skipped before encoding (see `offer`) count as dropped."""

@@ -70,6 +70,7 @@ class VideoOutput(BaseModel):
     error: str | None = Field(description="why this output stopped, if it has")
 
 
+# The `stats` of a session's answer: its `dwm.session.DrivingStats`, then its video outputs.
 class SessionStats(BaseModel):
     frames_in: int = Field(description="condition frames pushed into the queue")
     frames_out: int = Field(description="generated frames out of the queue")

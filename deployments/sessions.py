@@ -1,12 +1,13 @@
 """The SessionManager actor: creates, runs and ends the driving sessions.
 
-Each session has a `SessionRunner` here (its ego, conditions builder, publisher, sticky control
-and stats). Frames are made in rounds: observe every session's ego at one simulation time,
-build their conditions, hand them to the Denoiser in one call, then give each session's new
-frame to its publisher. The clock (`serve.clock`): `lockstep` ticks the world once per round
-(while the model works); `realtime` ticks it every `world.dt` s of wall time, and each round
-samples the newest state. Controls go straight to the World actor between rounds' calls: they
-never wait for generation.
+Each session is a `dwm.session.DrivingSession` (its ego, conditions, sticky control, frames in
+flight and stats: the code `python -m dwm.run` drives) held in a `ServedSession` with its
+token, options and publisher; this actor adds the clock and the rounds. Frames are made in
+rounds: observe every session's ego at one simulation time, build their conditions, hand them
+to the Denoiser in one call, then give each session's new frame to its publisher. The clock
+(`serve.clock`): `lockstep` ticks the world once per round (while the model works); `realtime`
+ticks it every `world.dt` s of wall time, and each round samples the newest state. Controls go
+straight to the World actor between rounds' calls: they never wait for generation.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.denoiser import GeneratedImages
 from deployments.errors import (
     InvalidRequest, MissingToken, SessionLimit, SessionNotFound, WorldGone, WrongToken, refusals,
 )
@@ -32,155 +31,59 @@ from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.frame import ConditionFrame
 from dwm.conditions.packed import PackedConditions
-from dwm.pipelines.streaming import GeneratedFrame
+from dwm.session import DrivingSession
 from dwm.streaming.compose import compose_strip
 from dwm.streaming.encoder import session_rtsp_url
 from dwm.streaming.stills import encode_png
-from dwm.world.base import Observation, VehicleControl, WorldUnavailableError
+from dwm.world.base import VehicleControl, WorldUnavailableError
 
 log = logging.getLogger("ray.serve")
 
 LAYOUT_KINDS = ("map", "boxes", "both")
 
 
-@dataclass
-class _ControlSent:
-    seq: int  # the session's control counter after this control
-    wall: float  # time.monotonic() when the world had it
-    frames_out: int  # frames out of the queue by then
-
-
-class SessionRunner:
-    """One driving session: its ego in the shared world, its conditions and its video."""
+class ServedSession:
+    """A driving session as the app serves it: the `DrivingSession` (control, frames, stats)
+    with what HTTP needs around it: its id, token, options, publisher and stream paths."""
 
     def __init__(
         self,
         session_id: str,
         token: str,
-        ego_id: str,
-        depth: int,
-        builder: ConditionBuilder,
+        session: DrivingSession,
         publisher: SessionPublisher,
         options: dict,
-        control: VehicleControl,
-        autopilot: bool,
         rtsp_url: str | None,
-        fps_window: float,
     ):
-        self.id, self.token, self.ego_id, self.depth = session_id, token, ego_id, depth
-        self.builder, self.publisher, self.options = builder, publisher, options
-        self.control, self.autopilot, self.rtsp_url = control, autopilot, rtsp_url
+        self.id, self.token, self.session = session_id, token, session
+        self.publisher, self.options, self.rtsp_url = publisher, options, rtsp_url
         self.created = time.time()
-        self.fps_window = fps_window
         self.control_lock = asyncio.Lock()  # one control merge at a time
-        self.frames_in = 0
-        self.frames_out = 0
-        self.last_observation: Observation | None = None
-        self.last_conditions: ConditionFrame | None = None
-        self.shown_sim_time: float | None = None
-        self._out_times: deque[float] = deque()  # monotonic s of recent frames out
-        # Control-to-frame latency: each pushed frame remembers the control counter its
-        # observation saw; the first frame out that saw a control measures that control.
-        self.control_seq = 0
-        self._controls_sent: deque[_ControlSent] = deque()
-        self._pushed_seqs: deque[int] = deque()
-        self._queued: deque[ConditionFrame] = deque()  # conditions in the queue, oldest first
-        self.latency_frames: int | None = None
-        self.latency_s: float | None = None
-        self.restarts = 0  # queue rebuilds after a denoiser stage died
-        self.gap_frames = 0  # frames lost in them: conditions pushed that never became pictures
-
-    def controlled(self) -> None:
-        """The world holds a new control of this session."""
-        self.control_seq += 1
-        self._controls_sent.append(_ControlSent(self.control_seq, time.monotonic(), self.frames_out))
-
-    def fps_condition(self, observation: Observation) -> float | None:
-        """realtime: 1 / the simulated seconds since this session's previous observation
-        (None for the first: the builder's, 1 / the world's tick)."""
-        last = self.last_observation
-        if last is None or observation.sim_time <= last.sim_time:
-            return None
-        return 1.0 / (observation.sim_time - last.sim_time)
-
-    def pushed(self, observation: Observation, conditions: ConditionFrame, seq: int) -> None:
-        self.last_observation, self.last_conditions = observation, conditions
-        self.frames_in += 1
-        self._pushed_seqs.append(seq)
-        self._queued.append(conditions)
-
-    def restarted(self, lost: int) -> None:
-        """The session's queue was rebuilt (a denoiser stage died): the `lost` frames inside it
-        never come out; the new queue warms up and the stream goes on."""
-        log.warning("driving session %s: denoiser queue rebuilt, %d frames lost", self.id, lost)
-        self.restarts += 1
-        self.gap_frames += lost
-        self._queued.clear()
-        self._pushed_seqs.clear()
-
-    def deliver(self, generated: list[GeneratedImages]) -> None:
-        """Frames out of the queue: the k-th frame out shows the k-th conditions pushed."""
-        now = time.monotonic()
-        for out in generated:
-            frame = GeneratedFrame(out.images, self._queued.popleft(), out.index, out.index + self.depth + 1)
-            seq = self._pushed_seqs.popleft()
-            self.frames_out += 1
-            self.shown_sim_time = float(frame.conditions.sim_time)
-            self._out_times.append(now)
-            shown = None
-            while self._controls_sent and self._controls_sent[0].seq <= seq:
-                shown = self._controls_sent.popleft()
-            if shown is not None:
-                self.latency_frames = self.frames_out - shown.frames_out
-                self.latency_s = now - shown.wall
-            self.publisher.offer(frame)
-        while self._out_times and now - self._out_times[0] > self.fps_window:
-            self._out_times.popleft()
-
-    def fps(self) -> float:
-        now = time.monotonic()
-        times = [t for t in self._out_times if now - t <= self.fps_window]
-        if len(times) < 2:
-            return 0.0
-        return (len(times) - 1) / max(times[-1] - times[0], 1e-9)
-
-    def fps_conditioned(self) -> float | None:
-        """The fps camera scalar of the newest conditions (column 0 of camera_params (V, 11))."""
-        if self.last_conditions is None:
-            return None
-        return float(self.last_conditions.camera_params[0, 0])
 
     def streams(self) -> dict:
         return {"mjpeg": f"/sessions/{self.id}/video.mjpg", "rtsp": self.rtsp_url}
 
     def state(self, sim_time: float, world_error: str | None = None) -> dict:
-        obs = self.last_observation
+        """The session's answer (`schemas.SessionState`); sim_time: the world's now."""
+        stats = self.session.stats(sim_time)
         if world_error:
             state = "world unavailable"
         else:
-            state = "running" if self.frames_out else "warming"
+            state = "running" if stats.frames_out else "warming"
+        latency_s = stats.control_latency_s
         return {
             "id": self.id,
             "state": state,
             "error": world_error,
-            "ego": self.ego_id,
+            "ego": self.session.ego_id,
             "created": self.created,
             "options": self.options,
-            "control": {**asdict(self.control), "autopilot": self.autopilot},
+            "control": self.session.control_state(),
             "streams": self.streams(),
             "stats": {
-                "frames_in": self.frames_in,
-                "frames_out": self.frames_out,
-                "fps": round(self.fps(), 3),
-                "queue_depth": self.depth,
-                "ego_speed": obs.ego_speed if obs else 0.0,
-                "sim_time": obs.sim_time if obs else sim_time,
-                "shown_sim_time": self.shown_sim_time,
-                "fps_condition": self.fps_conditioned(),
-                "control_latency_frames": self.latency_frames,
-                "control_latency_s": None if self.latency_s is None else round(self.latency_s, 4),
-                "queue_restarts": self.restarts,
-                "gap_frames": self.gap_frames,
+                **asdict(stats),
+                "fps": round(stats.fps, 3),
+                "control_latency_s": None if latency_s is None else round(latency_s, 4),
                 "viewers": self.publisher.viewers,
                 "rtsp": self.publisher.output_stats("rtsp"),
                 "recording": self.publisher.output_stats("recording"),
@@ -211,7 +114,7 @@ class SessionManager:
     async def __init__(self, world: DeploymentHandle, denoiser: DeploymentHandle, cfg: dict):
         self.cfg: DictConfig = OmegaConf.create(cfg)
         self.world, self.denoiser = world, denoiser
-        self.sessions: dict[str, SessionRunner] = {}
+        self.sessions: dict[str, ServedSession] = {}
         self.sim_time = 0.0
         self.rounds = 0
         self._starting = 0  # sessions being set up, counted against max_sessions
@@ -251,29 +154,29 @@ class SessionManager:
             except Exception as err:
                 await self._round_failed(err, "a frame round failed; starting the next one")
 
-    async def _run_round(self, runners: list[SessionRunner]) -> None:
+    async def _run_round(self, served: list[ServedSession]) -> None:
         """Observe, build and hand over one round. Pipelined: the model works on the previous
         round's conditions while this one observes and builds; a session's pushes stay in order
         (one push in flight at a time)."""
-        seqs = {r.id: r.control_seq for r in runners}  # controls the world holds before observing
-        observations = await self.world.observe_many.remote([r.ego_id for r in runners])
-        # realtime: the fps condition follows the simulated time between a session's frames.
-        fps = {r.id: r.fps_condition(observations[r.ego_id]) if self.realtime else None for r in runners}
+        sessions = {s.id: s.session for s in served}
+        seen = {key: session.controls_applied for key, session in sessions.items()}  # before observing
+        observed = await self.world.observe_many.remote([session.ego_id for session in sessions.values()])
+        observations = {key: observed[session.ego_id] for key, session in sessions.items()}
 
         def build() -> tuple[dict[str, ConditionFrame], dict[str, PackedConditions]]:
-            built = {r.id: r.builder.build(observations[r.ego_id], fps=fps[r.id]) for r in runners}
+            built = {key: session.build(observations[key], self.realtime) for key, session in sessions.items()}
             return built, {key: PackedConditions.pack(frame) for key, frame in built.items()}
 
         conditions, packed = await asyncio.to_thread(build)
-        for r in runners:
-            r.pushed(observations[r.ego_id], conditions[r.id], seqs[r.id])
+        for key, session in sessions.items():
+            session.pushed(observations[key], conditions[key], seen[key])
         tick = None if self.realtime else self.world.tick.remote()  # lockstep: one tick per round
         await self._frames_out()
-        self._denoising = asyncio.create_task(self._denoise(runners, packed))
+        self._denoising = asyncio.create_task(self._denoise(served, packed))
         if tick is not None:
             self.sim_time = await tick
         else:
-            self._sampled = max(o.sim_time for o in observations.values())
+            self._sampled = max(o.sim_time for o in observed.values())
         self.rounds += 1
 
     async def _round_failed(self, err: Exception, what: str) -> None:
@@ -290,16 +193,19 @@ class SessionManager:
         self.world_error = str(unavailable)
         await asyncio.sleep(min(max(unavailable.retry_in or 1.0, 0.2), 5.0))
 
-    async def _denoise(self, runners: list[SessionRunner], packed: dict[str, PackedConditions]) -> None:
+    async def _denoise(self, served: list[ServedSession], packed: dict[str, PackedConditions]) -> None:
         try:
             result = await self.denoiser.push_many.remote(packed)
         except Exception:
             log.exception("the denoiser failed on a round; its frames are lost")
             return
-        for r in runners:
-            if r.id in result.restarted:
-                r.restarted(result.restarted[r.id])
-            r.deliver(result.images.get(r.id, []))
+        for s in served:
+            lost = result.restarted.get(s.id)
+            if lost is not None:
+                log.warning("driving session %s: denoiser queue rebuilt, %d frames lost", s.id, lost)
+                s.session.queue_rebuilt(lost)
+            for frame in s.session.delivered(result.images.get(s.id, [])):
+                s.publisher.offer(frame)
 
     async def _frames_out(self) -> None:
         """Wait until the last round's frames are out and handed to the publishers."""
@@ -374,44 +280,44 @@ class SessionManager:
             await self.denoiser.close.remote(session_id)
             await self.world.remove_ego.remote(ego_id)
             raise
-        runner = SessionRunner(
-            session_id, token, ego_id, depth, builder, publisher,
+        session = DrivingSession(
+            ego_id, builder, depth, control=control, autopilot=autopilot, fps_window=float(self.cfg.serve.fps_window)
+        )
+        served = ServedSession(
+            session_id, token, session, publisher,
             options={"autopilot": autopilot, "overlay": overlay, "record": record_path is not None,
                      "seed": options.get("seed")},
-            control=control, autopilot=autopilot, rtsp_url=rtsp_url,
-            fps_window=float(self.cfg.serve.fps_window),
+            rtsp_url=rtsp_url,
         )
-        self.sessions[session_id] = runner
+        self.sessions[session_id] = served
         self._wake.set()
         log.info("driving session %s started (ego %s)", session_id, ego_id)
-        return {"id": session_id, "token": token, "streams": runner.streams()}
+        return {"id": session_id, "token": token, "streams": served.streams()}
 
     @refusals
     def list(self) -> list[dict]:
-        return [r.state(self.sim_time, self.world_error) for r in self.sessions.values()]
+        return [s.state(self.sim_time, self.world_error) for s in self.sessions.values()]
 
     @refusals
     def get(self, session_id: str) -> dict:
-        return self._runner(session_id).state(self.sim_time, self.world_error)
+        return self._served(session_id).state(self.sim_time, self.world_error)
 
     @refusals
     async def control(self, session_id: str, token: str | None, changes: dict) -> dict:
         """Merge `changes` (ControlRequest fields) into the session's sticky control."""
-        runner = self._authorised(session_id, token)
-        changes = dict(changes)
-        autopilot = changes.pop("autopilot", None)
-        async with runner.control_lock:
+        served = self._authorised(session_id, token)
+        session = served.session
+        async with served.control_lock:
             try:
-                control = runner.control.merged(**changes)
+                change = session.change_control(changes)
             except ValueError as err:
                 raise InvalidRequest(str(err)) from None
-            try:
-                if autopilot is not None and autopilot != runner.autopilot:
-                    held = await self.world.set_autopilot.remote(runner.ego_id, autopilot)
-                    runner.autopilot = autopilot
-                    control = held.merged(**changes)
-                if changes or autopilot is not None:
-                    await self.world.apply_control.remote(runner.ego_id, control)
+            try:  # as `DrivingSession.apply_control` does, with the World actor
+                if change.autopilot is not None:
+                    held = await self.world.set_autopilot.remote(session.ego_id, change.autopilot)
+                    change = change.after_switch(held)
+                if change.sends:
+                    await self.world.apply_control.remote(session.ego_id, change.control)
             except Exception as err:
                 if session_id not in self.sessions:  # deleted meanwhile: its ego is gone
                     raise SessionNotFound(f"driving session {session_id!r} has ended") from None
@@ -419,20 +325,19 @@ class SessionManager:
                 if unavailable is not None:
                     raise WorldGone(f"the control did not reach the world: {unavailable}") from None
                 raise
-            runner.control = control
-            runner.controlled()
-        return {**asdict(runner.control), "autopilot": runner.autopilot}
+            session.controlled(change)
+        return session.control_state()
 
     @refusals
     async def delete(self, session_id: str, token: str | None) -> dict:
         """End the session; returns its final state (the video fully written by then)."""
-        runner = self._authorised(session_id, token)
+        served = self._authorised(session_id, token)
         del self.sessions[session_id]
         async with self._round:  # no round is using it once this is free ...
             await self._frames_out()  # ... and its last frames have reached its publisher
-        await self._release(runner)
+        await self._release(served)
         log.info("driving session %s ended", session_id)
-        return runner.state(self.sim_time)
+        return served.state(self.sim_time)
 
     @refusals
     async def pipelines(self) -> dict:
@@ -443,7 +348,7 @@ class SessionManager:
     @refusals
     async def next_frame(self, session_id: str, after: int, timeout: float) -> JpegFrame | None:
         """The session's newest JPEG once its index is above `after` (long poll, `timeout` s)."""
-        publisher = self._runner(session_id).publisher
+        publisher = self._served(session_id).publisher
         publisher.viewers += 1
         try:
             return await publisher.next_frame(after, timeout)
@@ -458,7 +363,7 @@ class SessionManager:
         before the first. kind: map, boxes or both (max of the two, as the model sees them)."""
         if kind not in LAYOUT_KINDS:
             raise InvalidRequest(f"kind={kind!r}: allowed {', '.join(LAYOUT_KINDS)}")
-        conditions = self._runner(session_id).last_conditions
+        conditions = self._served(session_id).session.last_conditions
         if conditions is None:
             return None
 
@@ -472,35 +377,51 @@ class SessionManager:
 
     # ------------------------------------------------------------------ internals
 
-    def _runner(self, session_id: str) -> SessionRunner:
-        runner = self.sessions.get(session_id)
-        if runner is None:
+    def _served(self, session_id: str) -> ServedSession:
+        served = self.sessions.get(session_id)
+        if served is None:
             raise SessionNotFound(f"no driving session {session_id!r}; GET /sessions lists them")
-        return runner
+        return served
 
-    def _authorised(self, session_id: str, token: str | None) -> SessionRunner:
-        runner = self._runner(session_id)
+    def _authorised(self, session_id: str, token: str | None) -> ServedSession:
+        served = self._served(session_id)
         if not token:
             raise MissingToken("this needs the session's token: send the header `Authorization: Bearer <token>`")
-        if not secrets.compare_digest(token, runner.token):
+        if not secrets.compare_digest(token, served.token):
             raise WrongToken(f"the token is not the one of driving session {session_id!r}")
-        return runner
+        return served
 
-    async def _release(self, runner: SessionRunner) -> None:
+    async def _release(self, served: ServedSession) -> None:
         """Give back the session's ego, queue state and stream (each even if another fails)."""
         for step in (
-            runner.publisher.close(),
-            self.denoiser.close.remote(runner.id),
-            self.world.remove_ego.remote(runner.ego_id),
+            served.publisher.close(),
+            self.denoiser.close.remote(served.id),
+            self.world.remove_ego.remote(served.session.ego_id),
         ):
             try:
                 await step
             except Exception:
-                log.exception("releasing driving session %s", runner.id)
+                log.exception("releasing driving session %s", served.id)
 
-    async def __del__(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        runners, self.sessions = list(self.sessions.values()), {}
-        for runner in runners:
-            await self._release(runner)
+    def close(self) -> None:
+        """End every session at once: the clock and the rounds stop, and each session's video
+        ends, its MP4 recording and RTSP session finished (a recording the process leaves
+        unfinished cannot be played). Serve calls this through `__del__` when the app shuts
+        down; the World and the Denoiser stop with the app, so egos and queues are not given
+        back one by one (`delete` does that for one session)."""
+        for task in [*self._tasks, self._denoising]:
+            if task is not None and not task.done():
+                task.cancel()
+        self._tasks, self._denoising = [], None
+        served, self.sessions = list(self.sessions.values()), {}
+        for s in served:
+            try:
+                s.publisher.end()
+            except Exception:
+                log.exception("ending the video of driving session %s", s.id)
+
+    def __del__(self) -> None:
+        # Serve's shutdown hook. Synchronous, so that the garbage collector, which also calls
+        # it and awaits nothing, still runs all of it.
+        if hasattr(self, "sessions"):  # a replica whose constructor failed has nothing to end
+            self.close()

@@ -14,8 +14,9 @@ import signal
 import sys
 import time
 
+from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, condition_fps, instantiate
-from dwm.pipelines.streaming import GeneratedFrame
+from dwm.pipelines.streaming import GeneratedFrame, StreamingPipeline
 from dwm.session import DrivingSession
 from dwm.streaming.compose import compose_strip
 from dwm.streaming.encoder import StreamConnectionError, VideoPublisher, session_rtsp_url
@@ -68,25 +69,27 @@ def run(overrides: list[str]) -> int:
     # One world tick per frame: the video's frame rate is the fps the model is told.
     fps = condition_fps(cfg)
     world = instantiate(cfg, "world")
-    session = DrivingSession.from_config(cfg, world, ego_id="ego", autopilot=True)
+    builder = ConditionBuilder.from_config(cfg)
+    pipeline = StreamingPipeline.from_config(cfg, views=builder.num_views)
+    session = DrivingSession.start(world, builder, pipeline.depth, ego_id="ego", autopilot=True)
     rtsp = session_rtsp_url(cfg.stream.rtsp.url, "run") if cfg.stream.rtsp.url else None
     if cfg.out is None and rtsp is None:
         raise ConfigError("nothing to write: set out=FILE.mp4 and/or stream.rtsp.url=rtsp://HOST:PORT/PATH")
     progress = Progress(int(cfg.frames))
-    warm = session.pipeline.depth + 1
+    warm = session.queue_depth + 1
     output_size = tuple(cfg.pipeline.output_size)
     with VideoPublisher.from_config(cfg.stream, cfg.out, rtsp, fps=fps) as publisher:
         written = 0
         while written < cfg.frames:
-            if session.pipeline.warming and session.pipeline.queue.calls_for_next_push == 0:
-                progress.show(f"gathering conditions: {session.pipeline.frames_in + 1}/{warm}")
-            for frame in session.step(on_step=progress.warmup_step if session.pipeline.warming else None):
+            if pipeline.warming and pipeline.queue.calls_for_next_push == 0:
+                progress.show(f"gathering conditions: {session.frames_in + 1}/{warm}")
+            for frame in session.step(world, pipeline, on_step=progress.warmup_step if pipeline.warming else None):
                 layout = frame.conditions.layout if cfg.stream.overlay else None
                 publisher.publish(compose_strip(frame.images, output_size, layout), frame.conditions.sim_time)
                 written += 1
                 progress.frame(frame, session.last_observation.ego_speed)
             world.tick()
-    session.close()
+    session.close(world)
     world.close()
     progress.done(cfg.out)
     return 0
