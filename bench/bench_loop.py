@@ -26,8 +26,8 @@ from dwm.conditions.builder import ConditionBuilder
 from dwm.config import compose, condition_fps, instantiate
 from dwm.pipelines.streaming import StreamingPipeline
 from dwm.session import DrivingSession
-from dwm.streaming.compose import compose_strip
-from dwm.streaming.encoder import VideoPublisher
+from dwm.video.compose import compose_strip
+from dwm.video.encoder import VideoEncoder
 
 
 def rss_mb() -> float:
@@ -75,7 +75,7 @@ def main() -> None:
     loop_times: list[float] = []
     model_times: list[float] = []
     memory: dict[int, float] = {}
-    with tempfile.TemporaryDirectory() as tmp, VideoPublisher.from_config(
+    with tempfile.TemporaryDirectory() as tmp, VideoEncoder.from_config(
         cfg.stream, os.path.join(tmp, "bench.mp4"), fps=condition_fps(cfg)
     ) as publisher:
         while pipeline.warming:  # fill and warm the queue, untimed

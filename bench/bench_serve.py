@@ -6,7 +6,7 @@ app against the bare library loop, same config, same machine, same run.
 
 Bare loop: `DrivingSession`s sharing one world in this process, one world tick per round, and
 per frame the publisher's work (compose the strip, encode the JPEG), with torch on as many
-threads as the Denoiser actor gets (serve.denoiser.num_cpus). Serve: `deployments.app` on a
+threads as the QueueServer actor gets (serve.denoiser.num_cpus). Serve: `deployments.app` on a
 local Ray with the machine's CPUs; frames counted from the sessions' stats after their queues
 have warmed up. Also: how long a control takes to reach the world, against one frame round,
 and the memory each extra session adds to the actors (RSS, MB).
@@ -30,8 +30,8 @@ from dwm.conditions.builder import ConditionBuilder  # noqa: E402
 from dwm.config import compose, instantiate  # noqa: E402
 from dwm.pipelines.streaming import StreamingPipeline  # noqa: E402
 from dwm.session import DrivingSession  # noqa: E402
-from dwm.streaming.compose import compose_strip  # noqa: E402
-from dwm.streaming.stills import encode_jpeg  # noqa: E402
+from dwm.video.compose import compose_strip  # noqa: E402
+from dwm.video.stills import encode_jpeg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

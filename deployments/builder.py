@@ -1,7 +1,7 @@
 """The app builder: `serve run deployments:app key=value ...` composes `conf/` and binds the topology.
 
     client --HTTP--> Ingress --> SessionManager --+--> World      (one world for all egos, or one each)
-                                 (sessions,       +--> Denoiser   (the model, every queue)
+                                 (sessions,       +--> QueueServer   (the model, every queue)
                                   publishers)
 
 `deployments.app({"world.map": "merge"})` is what `serve run deployments:app world.map=merge` does.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from ray.serve import Application
 
-from deployments.denoiser import Denoiser
+from deployments.queue_server import QueueServer
 from deployments.ingress import Ingress
 from deployments.sessions import SessionManager
 from deployments.world import WorldActor
@@ -36,7 +36,7 @@ def app(args: dict[str, str] | None = None) -> Application:
     stop = {"graceful_shutdown_timeout_s": float(s.graceful_shutdown_s), "graceful_shutdown_wait_loop_s": 0.1}
 
     world = WorldActor.options(ray_actor_options={"num_cpus": s.world.num_cpus}, **stop).bind(plain)
-    denoiser = Denoiser.options(
+    denoiser = QueueServer.options(
         ray_actor_options={"num_cpus": s.denoiser.num_cpus, "num_gpus": s.denoiser.num_gpus}, **stop
     ).bind(plain)
     sessions = SessionManager.options(ray_actor_options={"num_cpus": s.sessions.num_cpus}, **stop).bind(

@@ -2,7 +2,7 @@
 
 Back-pressure: `offer` never blocks the frame loop. Viewers read the newest JPEG only (a slow
 viewer skips frames, it never holds one back); the H.264 output runs on its own thread with
-a short queue (see `BackgroundPublisher`).
+a short queue (see `BackgroundEncoder`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 
 from dwm.config import condition_fps
 from dwm.pipelines.streaming import GeneratedFrame
-from dwm.streaming.background import BackgroundPublisher
-from dwm.streaming.compose import compose_strip
-from dwm.streaming.encoder import VideoPublisher
-from dwm.streaming.stills import encode_jpeg
+from dwm.video.background import BackgroundEncoder
+from dwm.video.compose import compose_strip
+from dwm.video.encoder import VideoEncoder
+from dwm.video.stills import encode_jpeg
 
 log = logging.getLogger("ray.serve")
 
@@ -53,14 +53,14 @@ class SessionPublisher:
         # One encoder thread per output, so that an RTSP server going away never ends the
         # recording (and a full disk never ends the stream).
         stream, fps, pending = cfg.stream, condition_fps(cfg), int(cfg.serve.video_queue)
-        self.outputs: dict[str, BackgroundPublisher] = {}
+        self.outputs: dict[str, BackgroundEncoder] = {}
         if rtsp_url:
-            self.outputs["rtsp"] = BackgroundPublisher(
-                lambda: VideoPublisher.from_config(stream, rtsp_url=rtsp_url, fps=fps), pending, f"{name}-rtsp"
+            self.outputs["rtsp"] = BackgroundEncoder(
+                lambda: VideoEncoder.from_config(stream, rtsp_url=rtsp_url, fps=fps), pending, f"{name}-rtsp"
             )
         if record_path:
-            self.outputs["recording"] = BackgroundPublisher(
-                lambda: VideoPublisher.from_config(stream, record_path=record_path, fps=fps), pending, f"{name}-mp4"
+            self.outputs["recording"] = BackgroundEncoder(
+                lambda: VideoEncoder.from_config(stream, record_path=record_path, fps=fps), pending, f"{name}-mp4"
             )
         self.latest: JpegFrame | None = None
         self.viewers = 0

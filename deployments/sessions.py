@@ -4,7 +4,7 @@ Each session is a `dwm.session.DrivingSession` (its ego, conditions, sticky cont
 flight and stats: the code `python -m dwm.run` drives) held in a `ServedSession` with its
 token, options and publisher; this actor adds the clock and the rounds. Frames are made in
 rounds: observe every session's ego at one simulation time, build their conditions, hand them
-to the Denoiser in one call, then give each session's new frame to its publisher. The clock
+to the QueueServer in one call, then give each session's new frame to its publisher. The clock
 (`serve.clock`): `lockstep` ticks the world once per round (while the model works); `realtime`
 ticks it every `world.dt` s of wall time, and each round samples the newest state. Controls go
 straight to the World actor between rounds' calls: they never wait for generation.
@@ -32,9 +32,9 @@ from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.frame import ConditionFrame
 from dwm.conditions.packed import PackedConditions
 from dwm.session import DrivingSession
-from dwm.streaming.compose import compose_strip
-from dwm.streaming.encoder import session_rtsp_url
-from dwm.streaming.stills import encode_png
+from dwm.video.compose import compose_strip
+from dwm.video.encoder import session_rtsp_url
+from dwm.video.stills import encode_png
 from dwm.world.base import VehicleControl, WorldUnavailableError
 
 log = logging.getLogger("ray.serve")
@@ -341,7 +341,7 @@ class SessionManager:
 
     @refusals
     async def pipelines(self) -> dict:
-        """The Denoiser's placement: per pipeline its sessions and stages (band, GPU ids, node),
+        """The QueueServer's placement: per pipeline its sessions and stages (band, GPU ids, node),
         and the hand-over totals between stages."""
         return await self.denoiser.placement.remote()
 
@@ -407,7 +407,7 @@ class SessionManager:
         """End every session at once: the clock and the rounds stop, and each session's video
         ends, its MP4 recording and RTSP session finished (a recording the process leaves
         unfinished cannot be played). Serve calls this through `__del__` when the app shuts
-        down; the World and the Denoiser stop with the app, so egos and queues are not given
+        down; the World and the QueueServer stop with the app, so egos and queues are not given
         back one by one (`delete` does that for one session)."""
         for task in [*self._tasks, self._denoising]:
             if task is not None and not task.done():

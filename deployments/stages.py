@@ -1,6 +1,6 @@
 """The denoiser pool: P pipelines of B stage actors, one band of the queue per GPU.
 
-With `pipeline.bands` B > 1 or `serve.pipelines` P > 1 the Denoiser replica does not run the
+With `pipeline.bands` B > 1 or `serve.pipelines` P > 1 the QueueServer replica does not run the
 model itself: it places P pipelines, each B `StageActor`s in a placement group (one bundle
 per stage with `serve.stage.num_gpus` GPUs; strategy `serve.stage.placement`, PACK by
 default: a pipeline's stages on one node when they fit, NVLink between them, spread over

@@ -131,7 +131,7 @@ def test_serve_session_video_is_made_at_the_worlds_rate(tmp_path, monkeypatch):
         opened.append(fps)
         return Sink()
 
-    monkeypatch.setattr(publisher_module.VideoPublisher, "from_config", staticmethod(from_config))
+    monkeypatch.setattr(publisher_module.VideoEncoder, "from_config", staticmethod(from_config))
     cfg = compose(["world.dt=0.2"])
     session = publisher_module.SessionPublisher(cfg, "s", overlay=False, record_path=tmp_path / "s.mp4")
     deadline = time.monotonic() + 10

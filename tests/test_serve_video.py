@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dwm.streaming.background import BackgroundPublisher
-from dwm.streaming.stills import encode_jpeg, encode_png
+from dwm.video.background import BackgroundEncoder
+from dwm.video.stills import encode_jpeg, encode_png
 
 
 def gradient(h: int = 172, w: int = 912) -> np.ndarray:
@@ -45,7 +45,7 @@ def test_jpeg_quality_out_of_range_is_refused():
 
 
 class FakeVideo:
-    """Stands in for a VideoPublisher whose server is slow: each publish waits for `gate`."""
+    """Stands in for a VideoEncoder whose server is slow: each publish waits for `gate`."""
 
     def __init__(self, gate: threading.Event | None = None, fail_at: int | None = None):
         self.gate, self.fail_at = gate, fail_at
@@ -66,7 +66,7 @@ class FakeVideo:
 def test_a_slow_output_never_blocks_and_keeps_the_newest_frames():
     gate = threading.Event()
     video = FakeVideo(gate)
-    out = BackgroundPublisher(lambda: video, max_pending=3)
+    out = BackgroundEncoder(lambda: video, max_pending=3)
     img = gradient(8, 8)
     # The output is stuck on frame 0; submitting 10 more returns at once each time.
     for k in range(11):
@@ -81,7 +81,7 @@ def test_a_slow_output_never_blocks_and_keeps_the_newest_frames():
 
 def test_an_output_that_fails_stops_with_the_reason_and_refuses_more():
     video = FakeVideo(fail_at=2)
-    out = BackgroundPublisher(lambda: video, max_pending=10)
+    out = BackgroundEncoder(lambda: video, max_pending=10)
     for k in range(5):
         out.submit(gradient(8, 8), k / 10)
     deadline = time.monotonic() + 30
@@ -98,7 +98,7 @@ def test_an_output_that_cannot_open_reports_why():
     def unreachable():
         raise ConnectionRefusedError("no RTSP server at rtsp://127.0.0.1:9/dwm/x")
 
-    out = BackgroundPublisher(unreachable)
+    out = BackgroundEncoder(unreachable)
     out.submit(gradient(8, 8), 0.0)
     out.close()
     assert "no RTSP server" in out.error

@@ -1,4 +1,4 @@
-"""The Denoiser actor: the model and every session's queue state.
+"""The QueueServer deployment: every session's denoising queue, and the model that steps them.
 
 `pipeline.bands` 1 and `serve.pipelines` 1 (the default): the replica holds the model and
 each session's `StreamingPipeline` (its FIFO queue and cached contexts) around it. A round
@@ -47,8 +47,8 @@ def uses_stage_actors(cfg: DictConfig) -> bool:
     return int(cfg.pipeline.bands) > 1 or int(cfg.serve.pipelines) > 1
 
 
-@serve.deployment(name="Denoiser", num_replicas=1)
-class Denoiser:
+@serve.deployment(name="QueueServer", num_replicas=1)
+class QueueServer:
     def __init__(self, cfg: dict):
         self.cfg = OmegaConf.create(cfg)
         threads = self.cfg.serve.denoiser.torch_threads

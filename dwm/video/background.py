@@ -1,4 +1,4 @@
-"""A `VideoPublisher` on its own thread, so that a slow or unreachable RTSP server (or disk)
+"""A `VideoEncoder` on its own thread, so that a slow or unreachable RTSP server (or disk)
 never holds up the frame loop: frames wait in a short queue, and when it is full the oldest
 waiting frame is dropped (a live stream would rather skip than fall behind).
 """
@@ -12,24 +12,24 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dwm.streaming.encoder import VideoPublisher
+from dwm.video.encoder import VideoEncoder
 
 log = logging.getLogger(__name__)
 
 _CLOSE = object()  # queue sentinel: flush, finish and stop
 
 
-class BackgroundPublisher:
-    """Publishes (strip, sim_time) pairs through a `VideoPublisher` built on the worker thread.
+class BackgroundEncoder:
+    """Encodes (strip, sim_time) pairs through a `VideoEncoder` built on the worker thread.
 
-    open_publisher: builds the publisher (called once, on the thread: opening an RTSP output
+    open_encoder: builds the encoder (called once, on the thread: opening an RTSP output
         may wait for the server). max_pending: frames that may wait; beyond, the oldest goes.
     """
 
-    def __init__(self, open_publisher: Callable[[], VideoPublisher], max_pending: int = 30, name: str = "video"):
+    def __init__(self, open_encoder: Callable[[], VideoEncoder], max_pending: int = 30, name: str = "video"):
         if not (isinstance(max_pending, int) and max_pending >= 1):
             raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
-        self._open = open_publisher
+        self._open = open_encoder
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()  # makes drop-oldest-then-put atomic against other submitters
         self.published = 0
@@ -81,7 +81,7 @@ class BackgroundPublisher:
             log.warning("the video thread did not finish within %.1f s; left to end on its own", timeout)
 
     def _run(self) -> None:
-        publisher: VideoPublisher | None = None
+        publisher: VideoEncoder | None = None
         try:
             publisher = self._open()
             while True:

@@ -62,7 +62,7 @@ def session_rtsp_url(base_url: str, session_id: str) -> str:
     return f"{base_url.rstrip('/')}/{session_id}"
 
 
-class VideoPublisher:
+class VideoEncoder:
     """Encodes RGB frames to H.264 and writes them to an MP4 file and/or pushes them over RTSP.
 
     The frame size is taken from the first frame; every later frame must have the same size.
@@ -98,7 +98,7 @@ class VideoPublisher:
         connect_timeout: s to wait for the RTSP server (and for each write to it).
         """
         if record_path is None and rtsp_url is None:
-            raise ValueError("VideoPublisher needs a record_path, an rtsp_url, or both; got neither")
+            raise ValueError("VideoEncoder needs a record_path, an rtsp_url, or both; got neither")
         if not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive number, got {fps!r}")
         if not (isinstance(gop, int) and gop >= 1):
@@ -142,7 +142,7 @@ class VideoPublisher:
         rtsp_url: str | None = None,
         *,
         fps: float = 10.0,
-    ) -> VideoPublisher:
+    ) -> VideoEncoder:
         """Build from the `stream` config group (codec, preset, tune, crf, gop, rtsp.transport).
 
         The RTSP URL is given here, not read from `stream.rtsp.url`, since each driving
@@ -176,7 +176,7 @@ class VideoPublisher:
         sim_time: s, the simulation time the frame shows (its timestamp).
         """
         if self._closed:
-            raise RuntimeError("this VideoPublisher is closed; create a new one to publish again")
+            raise RuntimeError("this VideoEncoder is closed; create a new one to publish again")
         frame = av.VideoFrame.from_ndarray(self._even_sized(image), format="rgb24")
         frame = frame.reformat(format="yuv420p")  # once, shared by the sinks
         frame.pts = self._next_pts(sim_time)
@@ -199,7 +199,7 @@ class VideoPublisher:
         if error is not None and raise_errors:
             raise error
 
-    def __enter__(self) -> VideoPublisher:
+    def __enter__(self) -> VideoEncoder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
