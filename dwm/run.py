@@ -18,8 +18,8 @@ from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, condition_fps, instantiate
 from dwm.pipelines.streaming import GeneratedFrame, StreamingPipeline
 from dwm.session import DrivingSession
-from dwm.streaming.compose import compose_strip
-from dwm.streaming.encoder import StreamConnectionError, VideoPublisher, session_rtsp_url
+from dwm.video.compose import compose_strip
+from dwm.video.encoder import StreamConnectionError, VideoEncoder, session_rtsp_url
 
 
 class Progress:
@@ -78,7 +78,7 @@ def run(overrides: list[str]) -> int:
     progress = Progress(int(cfg.frames))
     warm = session.queue_depth + 1
     output_size = tuple(cfg.pipeline.output_size)
-    with VideoPublisher.from_config(cfg.stream, cfg.out, rtsp, fps=fps) as publisher:
+    with VideoEncoder.from_config(cfg.stream, cfg.out, rtsp, fps=fps) as publisher:
         written = 0
         while written < cfg.frames:
             if pipeline.warming and pipeline.queue.calls_for_next_push == 0:
