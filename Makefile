@@ -31,7 +31,7 @@ run: setup
 	$(PY) -m dwm.run $(ARGS)
 
 test: setup browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) -m bench.bench_conditions

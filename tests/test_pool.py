@@ -9,22 +9,25 @@ goes on, on another pipeline, with the same stream.
 
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
+import ray
 import torch
+from ray.exceptions import RayActorError
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from deployments.stages import DenoiserPool
+from dwm.config import compose
+from dwm.pipelines.streaming import StreamingPipeline
+from tests.driving import packed_drive
+from tests.waiting import eventually
 
-import ray  # noqa: E402
 
-from deployments.stages import DenoiserPool  # noqa: E402
-from dwm.config import compose  # noqa: E402
-from dwm.pipelines.streaming import StreamingPipeline  # noqa: E402
-from tests.driving import packed_drive  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def dead(actor) -> bool:
+    """Whether calling `actor` fails because it died (ray.kill returns before it is gone)."""
+    try:
+        ray.get(actor.where.remote(), timeout=30)
+    except RayActorError:
+        return True
+    return False
 
 
 def config(bands: int, **more):
@@ -37,13 +40,10 @@ def config(bands: int, **more):
 
 
 @pytest.fixture(scope="module")
-def four_gpus():
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def four_gpus(ray_runtime):
+    """The run's shared Ray, which declares 4 GPUs."""
+    ray_runtime.local()
+    assert ray.cluster_resources().get("GPU", 0) >= 4
 
 
 @pytest.mark.parametrize("bands", [2, 4])
@@ -106,8 +106,9 @@ def test_sessions_go_to_the_least_loaded_pipeline_and_a_dead_stage_moves_them(fo
                 out[sid] += 1
         assert out == {"a": 5, "b": 5, "c": 5}
 
-        ray.kill(ray.get_actor(placement[1]["stages"][1]["actor"]))  # pipeline 1 loses band 1
-        time.sleep(0.5)
+        victim = ray.get_actor(placement[1]["stages"][1]["actor"])
+        ray.kill(victim)  # pipeline 1 loses band 1
+        eventually(lambda: dead(victim), "the killed stage actor to be dead")
         images, restarted = pool.push_many({"a": a[10], "b": b[10], "c": c[10]})
         assert restarted == {"b": 6}  # the 5 frames inside its queue and this one are lost
         assert set(images) == {"a", "c"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+AT_ONCE = 2  # commands run side by side (CI has 2 cores)
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -18,6 +20,64 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "dwm.run", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )
+
+
+SEED_RUNS = (("a", 0), ("b", 0), ("c", 1))  # two runs with one seed, one with another
+BAD_TIMEOUT_S = 120
+
+
+def seed_run(seed: int) -> tuple[str, ...]:
+    return ("frames=2", f"seed={seed}", "pipeline.steps=6", "pipeline.window=3")
+
+
+def commands(item) -> dict[str, tuple[tuple[str, ...], float]]:
+    """The commands a test of this module runs: its name for each -> (arguments but `out`,
+    timeout)."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    if item.originalname == "test_run_writes_a_video_of_the_asked_frames":
+        return {"video": (("frames=6", *params["overrides"]), 600)}
+    if item.originalname == "test_run_same_seed_same_video_different_seed_different":
+        return {name: (seed_run(seed), 600) for name, seed in SEED_RUNS}
+    if item.originalname == "test_run_bad_override_fails_clearly":
+        return {"bad": ((params["override"],), BAD_TIMEOUT_S)}
+    return {}
+
+
+class Runs:
+    """The `python -m dwm.run` commands of this module's selected tests, all started when the
+    first of them asks, AT_ONCE at a time: a short run is mostly Python importing torch and
+    the rest (one core's work), so on two cores two runs take little more than one. Each test
+    then takes its commands' results (exit status, output, video) and asserts on them as if it
+    had run them itself."""
+
+    def __init__(self, folder: Path, items) -> None:
+        self.folder = folder
+        self._pool = ThreadPoolExecutor(AT_ONCE)
+        self._runs: dict[tuple[str, str], tuple[Future, Path]] = {}
+        for item in items:
+            for name, (args, timeout) in commands(item).items():
+                out = folder / f"{len(self._runs)}" / f"{name}.mp4"
+                out.parent.mkdir()
+                future = self._pool.submit(run_cli, *args, f"out={out}", timeout=timeout)
+                self._runs[(item.nodeid, name)] = future, out
+
+    def result(self, request, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        """The exit status and output of the test's command `name`, and the path of its video."""
+        future, out = self._runs[(request.node.nodeid, name)]
+        return future.result(), out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    wanted = [item for item in request.session.items if item.module is request.module]
+    r = Runs(tmp_path_factory.mktemp("runs"), wanted)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 def decode(path: Path) -> tuple[list[np.ndarray], list[float]]:
@@ -35,9 +95,8 @@ def decode(path: Path) -> tuple[list[np.ndarray], list[float]]:
     ],
     ids=["default", "roundabout-2-bands", "6-views"],
 )
-def test_run_writes_a_video_of_the_asked_frames(tmp_path, overrides, views):
-    out = tmp_path / "drive.mp4"
-    result = run_cli("frames=6", f"out={out}", *overrides)
+def test_run_writes_a_video_of_the_asked_frames(runs, request, overrides, views):
+    result, out = runs.result(request, "video")  # frames=6 out=... *overrides
     assert result.returncode == 0, result.stderr
     assert "warming up the queue" in result.stderr  # progress is shown during the warm-up
 
@@ -50,11 +109,10 @@ def test_run_writes_a_video_of_the_asked_frames(tmp_path, overrides, views):
     assert np.abs(images[0].astype(int) - images[-1].astype(int)).mean() > 1.0
 
 
-def test_run_same_seed_same_video_different_seed_different(tmp_path):
+def test_run_same_seed_same_video_different_seed_different(runs, request):
     paths = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        paths[name] = tmp_path / f"{name}.mp4"
-        result = run_cli("frames=2", f"out={paths[name]}", f"seed={seed}", "pipeline.steps=6", "pipeline.window=3")
+    for name, _seed in SEED_RUNS:  # frames=2 seed=... pipeline.steps=6 pipeline.window=3
+        result, paths[name] = runs.result(request, name)
         assert result.returncode == 0, result.stderr
     a, b, c = (decode(paths[k])[0] for k in "abc")
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -71,17 +129,16 @@ def test_run_same_seed_same_video_different_seed_different(tmp_path):
         ("frames=0", "frames"),
     ],
 )
-def test_run_bad_override_fails_clearly(tmp_path, override, named):
-    result = run_cli(override, f"out={tmp_path / 'x.mp4'}", timeout=120)
+def test_run_bad_override_fails_clearly(runs, request, override, named):
+    result, out = runs.result(request, "bad")  # override out=...
     assert result.returncode == 2
     assert "error:" in result.stderr and named in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "x.mp4").exists()
+    assert not out.exists()
 
 
 def test_run_stopped_with_sigterm_keeps_the_video(tmp_path):
     import signal
-    import time
 
     out = tmp_path / "stopped.mp4"
     proc = subprocess.Popen(
@@ -90,10 +147,11 @@ def test_run_stopped_with_sigterm_keeps_the_video(tmp_path):
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     try:
-        for line in proc.stderr:  # progress lines; the first "frame" line means frames are out
+        # Progress lines: a "frame" line is printed once its frame has gone to the video, so
+        # from the first one on the run is stopped with frames written and more to come.
+        for line in proc.stderr:
             if line.startswith("frame "):
                 break
-        time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[1]
     finally:

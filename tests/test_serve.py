@@ -1,8 +1,9 @@
 """The Serve application in-process: sessions over HTTP, their MJPEG and RTSP video, the API's
 answers to bad requests, and the builder's overrides.
 
-One Serve instance (small model settings, a free HTTP port, RTSP pushed to a free port) is
-shared by the module; every test deletes the sessions it made.
+One Serve app (small model settings, RTSP pushed to a free port) on the run's shared Ray
+and Serve (tests/conftest.py) is shared by the module; every test deletes the sessions it
+made.
 """
 
 from __future__ import annotations
@@ -20,16 +21,11 @@ import numpy as np
 import pytest
 import requests
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-import deployments  # noqa: E402
-from dwm.client.api import ApiError, SessionClient  # noqa: E402
-from dwm.config import ConfigError  # noqa: E402
-from dwm.streaming.encoder import ACCESS_UNIT_DELIMITER  # noqa: E402
-from tests.waiting import eventually, free_port  # noqa: E402
+import deployments
+from dwm.client.api import ApiError, SessionClient
+from dwm.config import ConfigError
+from dwm.video.encoder import ACCESS_UNIT_DELIMITER
+from tests.waiting import eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small queue (N=6 steps, T=3: depth 2) so frames come out after 3 rounds.
@@ -98,24 +94,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
+def server(tmp_path_factory, ray_runtime) -> Iterator[Server]:
     record_dir = tmp_path_factory.mktemp("recordings")
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
-    port, rtsp_port = free_port(), free_port()
+    rtsp_port = free_port()
     rtsp_base = f"rtsp://127.0.0.1:{rtsp_port}/dwm"
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployments.app({
-            **FAST, "serve.max_sessions": str(MAX_SESSIONS), "stream.rtsp.url": rtsp_base,
-            "serve.graceful_shutdown_s": "1.0", "serve.record_dir": str(record_dir),
-        }))
-        yield Server(f"http://127.0.0.1:{port}", rtsp_base, rtsp_port, record_dir)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    app = deployments.app({
+        **FAST, "serve.max_sessions": str(MAX_SESSIONS), "stream.rtsp.url": rtsp_base,
+        "serve.graceful_shutdown_s": "1.0", "serve.record_dir": str(record_dir),
+    })
+    with ray_runtime.serve_app(app, "test-serve") as base:
+        yield Server(base, rtsp_base, rtsp_port, record_dir)
 
 
 @pytest.fixture

@@ -8,23 +8,16 @@ declared, the model runs on the CPU.
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 import pytest
+import ray
 import requests
+from ray import serve
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import deployments
+from tests.waiting import eventually as wait_until, free_port
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
-import deployments  # noqa: E402
-from tests.waiting import eventually as wait_until, free_port  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 180.0  # upper bound: a 2-node cluster on 2 cores starts slowly
 
 
@@ -34,6 +27,10 @@ OVERRIDES = {
     "pipeline.steps": "6", "pipeline.window": "3", "pipeline.bands": "2", "pipeline.batch_bands": "false",
     "world.vehicles": "8", "serve.pipelines": "2", "serve.stage.num_gpus": "1", "serve.stage.num_cpus": "0.1",
     "serve.stage.torch_threads": "1", "serve.graceful_shutdown_s": "1.0",
+    # With pipelines the QueueServer replica only coordinates them. Serve spreads replicas over the
+    # nodes: with its default 1 CPU it could take a worker node's only CPU, and that node's
+    # pipeline would wait serve.stage.start_timeout_s for room before the replica is restarted.
+    "serve.denoiser.num_cpus": "0.1",
 }
 
 
@@ -58,20 +55,16 @@ class MjpegReader(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
-                                                      "object_store_memory": 200 * 2**20})
-    nodes = [c.add_node(num_cpus=1, num_gpus=2, object_store_memory=200 * 2**20) for _ in range(2)]
-    ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    c.wait_for_nodes()
-    try:
-        yield nodes
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        c.shutdown()
+def cluster(ray_runtime):
+    """A head and two worker nodes with 2 declared GPUs each (tests/conftest.py starts it, after
+    every test on the shared local Ray)."""
+    return ray_runtime.cluster(
+        head={"num_cpus": 2, "include_dashboard": False, "object_store_memory": 200 * 2**20},
+        workers=[{"num_cpus": 1, "num_gpus": 2, "object_store_memory": 200 * 2**20}] * 2,
+    )
 
 
+@pytest.mark.ray_cluster
 def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goes_on(cluster):
     port = free_port()
     base = f"http://127.0.0.1:{port}"

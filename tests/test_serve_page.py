@@ -11,20 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-import deployments  # noqa: E402
-from tests.waiting import eventually, free_port  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+import deployments
+from tests.waiting import eventually
 # Small queue (N=6 steps, T=3) so frames come out after a few rounds; one session at most, so
 # a second tab is refused.
 OVERRIDES = {
@@ -67,20 +59,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def base(browser) -> Iterator[str]:
-    """The Serve app in this process on a free port; its URL."""
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployments.app(OVERRIDES))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def base(browser, ray_runtime) -> Iterator[str]:
+    """The Serve app on the run's shared Ray and Serve (tests/conftest.py); its URL."""
+    with ray_runtime.serve_app(deployments.app(OVERRIDES), "test-serve-page") as url:
+        yield url
 
 
 def sessions(base: str) -> list[dict]:

@@ -9,27 +9,18 @@ goes on with that control.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import requests
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 carla = pytest.importorskip("carla", reason="the Carla world needs the carla package")
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
 import deployments  # noqa: E402
-from tests.waiting import eventually, free_port  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-WAIT_S = 120.0
+from tests.waiting import eventually  # noqa: E402
 
 
-def test_a_lost_world_is_reported_to_the_session_and_the_video_resumes(tmp_path):
+def test_a_lost_world_is_reported_to_the_session_and_the_video_resumes(tmp_path, ray_runtime):
     flag = tmp_path / "server-down"
     overrides = {
         "world": "carla", "world._target_": "tests.carla_standin.world_on_standin",
@@ -38,45 +29,43 @@ def test_a_lost_world_is_reported_to_the_session_and_the_video_resumes(tmp_path)
         "pipeline.steps": "6", "pipeline.window": "3", "serve.graceful_shutdown_s": "1.0",
     }
     original_client = carla.Client  # the builder's check builds the stand-in world here too
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployments.app(overrides))
-        created = requests.post(f"{base}/sessions", json={"autopilot": True}, timeout=60).json()
-        sid, token = created["id"], created["token"]
-
-        def state() -> dict:
-            r = requests.get(f"{base}/sessions/{sid}", timeout=30)
-            assert r.status_code == 200, r.text
-            return r.json()
-
-        eventually(lambda: state()["stats"]["frames_out"] >= 2, "the first frames")
-        assert state()["error"] is None
-
-        flag.touch()  # the server goes away
-        gone = eventually(lambda: (s := state())["state"] == "world unavailable" and s, "the session to say so")
-        assert gone["error"] and "Traceback" not in gone["error"]
-        # A control meanwhile is kept (controls are sticky): the ego has it when the world is
-        # back. Handing the car to or from the autopilot needs the world: refused, with why.
-        auth = {"Authorization": f"Bearer {token}"}
-        r = requests.post(f"{base}/sessions/{sid}/control", json={"throttle": 0.5}, headers=auth, timeout=30)
-        assert r.status_code == 200, r.text
-        r = requests.post(f"{base}/sessions/{sid}/control", json={"autopilot": False}, headers=auth, timeout=30)
-        assert r.status_code == 503 and "did not reach the world" in r.json()["detail"], r.text
-        assert "Traceback" not in r.json()["detail"]
-        frames_then = state()["stats"]["frames_out"]
-
-        flag.unlink()  # and comes back
-        back = eventually(lambda: (s := state())["error"] is None and s["stats"]["frames_out"] > frames_then + 2 and s,
-                          "the video to go on")
-        assert back["state"] == "running" and back["id"] == sid
-        assert back["control"]["throttle"] == 0.5 and back["control"]["autopilot"] is True
-        r = requests.post(f"{base}/sessions/{sid}/control", json={"autopilot": False}, headers=auth, timeout=30)
-        assert r.status_code == 200 and r.json()["autopilot"] is False, r.text
+        with ray_runtime.serve_app(deployments.app(overrides), "test-serve-world-gone") as base:
+            drive(base, flag)
     finally:
-        serve.shutdown()
-        ray.shutdown()
         carla.Client = original_client
+
+
+def drive(base: str, flag: Path) -> None:
+    """A session through the world going away and coming back."""
+    created = requests.post(f"{base}/sessions", json={"autopilot": True}, timeout=60).json()
+    sid, token = created["id"], created["token"]
+
+    def state() -> dict:
+        r = requests.get(f"{base}/sessions/{sid}", timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    eventually(lambda: state()["stats"]["frames_out"] >= 2, "the first frames")
+    assert state()["error"] is None
+
+    flag.touch()  # the server goes away
+    gone = eventually(lambda: (s := state())["state"] == "world unavailable" and s, "the session to say so")
+    assert gone["error"] and "Traceback" not in gone["error"]
+    # A control meanwhile is kept (controls are sticky): the ego has it when the world is
+    # back. Handing the car to or from the autopilot needs the world: refused, with why.
+    auth = {"Authorization": f"Bearer {token}"}
+    r = requests.post(f"{base}/sessions/{sid}/control", json={"throttle": 0.5}, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    r = requests.post(f"{base}/sessions/{sid}/control", json={"autopilot": False}, headers=auth, timeout=30)
+    assert r.status_code == 503 and "did not reach the world" in r.json()["detail"], r.text
+    assert "Traceback" not in r.json()["detail"]
+    frames_then = state()["stats"]["frames_out"]
+
+    flag.unlink()  # and comes back
+    back = eventually(lambda: (s := state())["error"] is None and s["stats"]["frames_out"] > frames_then + 2 and s,
+                      "the video to go on")
+    assert back["state"] == "running" and back["id"] == sid
+    assert back["control"]["throttle"] == 0.5 and back["control"]["autopilot"] is True
+    r = requests.post(f"{base}/sessions/{sid}/control", json={"autopilot": False}, headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["autopilot"] is False, r.text
