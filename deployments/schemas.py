@@ -41,7 +41,9 @@ class SessionOptions(BaseModel):
         None, description="draw the layout over the generated views; true or false (default: config stream.overlay)"
     )
     record: bool = Field(False, description="record the session to an MP4 file in serve.record_dir; true or false")
-    seed: int | None = Field(None, ge=0, description="seed of the session's denoising noise; a whole number >= 0 (default: config seed)")
+    # torch.manual_seed takes values below 2**63; a larger one must be refused here, not overflow later.
+    seed: int | None = Field(None, ge=0, lt=2**63,
+                             description="seed of the session's denoising noise; a whole number, 0 <= seed < 2**63 (default: config seed)")
 
 
 class Streams(BaseModel):

@@ -387,7 +387,9 @@ class SessionManager:
         served = self._served(session_id)
         if not token:
             raise MissingToken("this needs the session's token: send the header `Authorization: Bearer <token>`")
-        if not secrets.compare_digest(token, served.token):
+        # Compared as bytes: compare_digest raises TypeError for non-ASCII str, and any
+        # malformed token is simply not the session's.
+        if not secrets.compare_digest(token.encode("utf-8", "surrogatepass"), served.token.encode("utf-8")):
             raise WrongToken(f"the token is not the one of driving session {session_id!r}")
         return served
 

@@ -255,6 +255,11 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
     assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"]
     r = requests.delete(url, headers={"Authorization": f"Bearer {b['token']}"}, timeout=30)
     assert r.status_code == 403
+    # A token that is not even ASCII is just a wrong token (latin-1 bytes in the header).
+    for method in (requests.post, requests.delete):
+        r = method(url + ("/control" if method is requests.post else ""), json={"steer": 0.5},
+                   headers={"Authorization": "Bearer caf\xe9-\xff".encode("latin-1")}, timeout=30)
+        assert r.status_code == 403, r.text
 
     # Sessions that do not exist.
     for r in (
@@ -282,6 +287,11 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
         assert field in message and allowed in message, message
     r = requests.post(f"{base}/sessions", json={"colour": "red"}, timeout=30)
     assert r.status_code == 422 and "autopilot" in r.json()["detail"][0]["msg"]
+    # A seed torch cannot take is refused with its range, not a server error.
+    for seed in (2**63, 2**64, 10**30):
+        r = requests.post(f"{base}/sessions", json={"seed": seed}, timeout=30)
+        assert r.status_code == 422, r.text
+        assert "seed" in r.text and "2**63" in r.json()["detail"][0]["msg"], r.text
 
     # Too many sessions: refused with the reason.
     while len(api.tokens) < MAX_SESSIONS:
