@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import av
@@ -15,6 +14,7 @@ from omegaconf import OmegaConf
 
 from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, condition_fps, instantiate
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,8 +134,6 @@ def test_serve_session_video_is_made_at_the_worlds_rate(tmp_path, monkeypatch):
     monkeypatch.setattr(publisher_module.VideoEncoder, "from_config", staticmethod(from_config))
     cfg = compose(["world.dt=0.2"])
     session = publisher_module.SessionPublisher(cfg, "s", overlay=False, record_path=tmp_path / "s.mp4")
-    deadline = time.monotonic() + 10
-    while not opened and time.monotonic() < deadline:  # the encoder opens on its own thread
-        time.sleep(0.01)
+    eventually(lambda: opened, "the session's encoder to open (on its own thread)")
     session.outputs["recording"].close()
     assert opened == [5.0]
