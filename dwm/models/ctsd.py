@@ -32,10 +32,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.adapter import AdapterBlock
-from diffusers.models.attention import FeedForward, JointTransformerBlock
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.embeddings import (
     CombinedTimestepTextProjEmbeddings,
     PatchEmbed,
@@ -47,7 +44,9 @@ from diffusers.models.resnet import AlphaBlender
 from torch import nn
 
 from dwm.conditions.frame import CAMERA_PARAM_NAMES
+from dwm.models.axial_blocks import AXIAL_QK_NORM_EPS, Float32LayerNorm, VTSelfAttentionBlock, float32_layer_norms
 from dwm.models.base import Denoiser, FrameContext, TextEmbedding
+from dwm.models.layout_adapter import LAYOUT_CHANNELS, VAE_DOWNSCALE, ImageAdapter
 
 # Keys of a FrameContext built by `CrossviewTemporalDiT.frame_context`, with their per-frame shapes.
 CONTEXT_KEYS = (
@@ -57,121 +56,7 @@ CONTEXT_KEYS = (
     "camera_embedding",  # (V, D): the 11 camera scalars through sinusoids and an MLP
 )
 
-LAYOUT_CHANNELS = 6  # 3D-box image then HD-map image, RGB each
-VAE_DOWNSCALE = 8  # pixels per latent cell (the SD3 VAE)
-
-
-def _adapter_stage(in_channels: int, width: int, num_res_blocks: int, pool: int | None) -> AdapterBlock:
-    """One stage of the layout adapter: diffusers' T2I-Adapter `AdapterBlock` (average pool,
-    a 1x1 conv where the channels change, then residual blocks of 3x3 conv, ReLU, 1x1 conv).
-
-    pool: the first stage pools by the patch size, so that the features have one cell per
-    image token (diffusers' block pools by 2); ceil_mode, as diffusers', so an odd latent size
-    still gives ceil(h/p) x ceil(w/p) tokens. None: no pooling (the later stages).
-    """
-    stage = AdapterBlock(in_channels, width, num_res_blocks, down=pool is not None)
-    if pool is not None:
-        stage.downsample = nn.AvgPool2d(pool, ceil_mode=True)  # no parameters: keys unchanged
-    return stage
-
-
-class ImageAdapter(nn.Module):
-    """Layout images -> one feature map per early transformer block (T2I-Adapter style).
-
-    (B, 6, H, W) -> PixelUnshuffle(8) -> (B, 384, H/8, W/8) -> stage 0: average pool by the
-    patch size, 1x1 conv to D, residual blocks -> stages 1..K-1: residual blocks (each stage
-    a diffusers `AdapterBlock`, see `_adapter_stage`); stage k's output goes through a 1x1
-    conv (`zero_convs[k]`) and is added to the image tokens before transformer block k.
-
-    zero_init: the released model zero-initialises the `zero_convs`, so that its training
-    started from a model the layout does not disturb, and then learned them (its checkpoint
-    holds the learned ones). A model with random weights is never trained: zero convs would
-    stay zero and the layout would have no effect on anything it makes, so the embedded
-    default keeps PyTorch's default initialisation (`zero_init=False`) and a different layout
-    gives a different velocity, most of all where the layouts differ.
-    """
-
-    def __init__(self, width: int, num_stages: int, patch_size: int, num_res_blocks: int = 2, zero_init: bool = False):
-        super().__init__()
-        unshuffled = LAYOUT_CHANNELS * VAE_DOWNSCALE**2
-        self.width = width
-        self.unshuffle = nn.PixelUnshuffle(VAE_DOWNSCALE)
-        self.body = nn.ModuleList(
-            _adapter_stage(width if k else unshuffled, width, num_res_blocks, None if k else patch_size)
-            for k in range(num_stages)
-        )
-        self.zero_convs = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(num_stages))
-        if zero_init:
-            for conv in self.zero_convs:
-                nn.init.zeros_(conv.weight)
-                nn.init.zeros_(conv.bias)
-        self.patch_size = patch_size
-
-    def forward(self, layout: torch.Tensor) -> torch.Tensor:
-        """layout (B, 6, H, W) in [0, 1] -> features (B, K, S, D), S = (H/8/p) * (W/8/p)."""
-        x = self.unshuffle(layout)
-        if not self.body:
-            p = self.patch_size
-            tokens = -(-x.shape[2] // p) * -(-x.shape[3] // p)
-            return x.new_zeros(x.shape[0], 0, tokens, self.width)
-        features = []
-        for stage, zero_conv in zip(self.body, self.zero_convs):
-            x = stage(x)
-            features.append(zero_conv(x).flatten(2).transpose(1, 2))  # (B, S, D)
-        return torch.stack(features, dim=1)
-
-
-class Float32LayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm` computed in float32 whatever the dtype of its input and weights, with a
-    float32 result: exactly what torch autocast does for layer_norm on CUDA (the reference's
-    numerics), and what the CPU's autocast, which runs layer_norm in the low precision, would
-    not. Under autocast the next linear layer takes the result to the model's dtype. Same
-    parameters and state dict keys as `nn.LayerNorm` (`weight`, `bias` where affine)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
-
-
-def _float32_layer_norms(module: nn.Module) -> None:
-    """Turn every plain `nn.LayerNorm` under `module` into a `Float32LayerNorm` in place (the
-    ones diffusers' blocks build included); parameters and keys are unchanged."""
-    for m in module.modules():
-        if type(m) is nn.LayerNorm:
-            m.__class__ = Float32LayerNorm
-
-
-# q/k RMSNorm eps of the temporal and cross-view attention: diffusers' `Attention` default,
-# which the reference's blocks use (the MMDiT blocks' own q/k norms keep SD3's 1e-6).
-AXIAL_QK_NORM_EPS = 1e-5
-
-
-class VTSelfAttentionBlock(nn.Module):
-    """Self-attention along one axis of the window (frames, or views of a token row).
-
-    The released model's temporal / cross-view block: x += FF_in(LN x); x += Attn(LN x);
-    x += FF(LN x), GEGLU feed-forwards, q/k RMS-normalised, q/k/v without bias.
-    (B', n, D) -> (B', n, D), where n runs over the attended axis; attention_mask: optional
-    additive (B', n, n) float mask (0 where attention is allowed, -inf where not).
-    """
-
-    def __init__(self, width: int, heads: int, head_dim: int, ff_mult: int, qk_norm: str | None):
-        super().__init__()
-        self.norm_in = nn.LayerNorm(width)
-        self.ff_in = FeedForward(width, dim_out=width, mult=ff_mult, activation_fn="geglu")
-        self.norm1 = nn.LayerNorm(width)
-        self.attn1 = Attention(
-            query_dim=width, heads=heads, dim_head=head_dim, bias=False, qk_norm=qk_norm,
-            eps=AXIAL_QK_NORM_EPS,
-        )
-        self.norm3 = nn.LayerNorm(width)
-        self.ff = FeedForward(width, dim_out=width, mult=ff_mult, activation_fn="geglu")
-
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.ff_in(self.norm_in(x))
-        x = x + self.attn1(self.norm1(x), attention_mask=attention_mask)
-        return x + self.ff(self.norm3(x))
+__all__ = ["AXIAL_QK_NORM_EPS", "CONTEXT_KEYS", "CrossviewTemporalDiT", "Float32LayerNorm", "ImageAdapter"]
 
 
 class CrossviewTemporalDiT(Denoiser):
@@ -306,7 +191,7 @@ class CrossviewTemporalDiT(Denoiser):
             self.view_mixers = nn.ModuleList(
                 AlphaBlender(merge_factor, "learned") for _ in crossview_layers
             )
-        _float32_layer_norms(self)
+        float32_layer_norms(self)
 
     @property
     def dtype(self) -> torch.dtype:
