@@ -7,6 +7,8 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 ARGS   ?=
+# Test processes: each takes whole test files, with a Ray of its own where they need one.
+TEST_WORKERS ?= 2
 
 CHROMIUM ?= /usr/bin/chromium
 
@@ -31,7 +33,7 @@ run: setup
 	$(PY) -m dwm.run $(ARGS)
 
 test: setup browser
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 bench: setup
 	$(PY) -m bench.bench_conditions

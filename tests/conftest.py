@@ -1,9 +1,12 @@
-"""What the tests share: one Ray instance for the whole run, and one Serve on it.
+"""What the tests share: one Ray instance per test process, and one Serve on it.
+
+`make test` runs two test processes (pytest-xdist, `--dist loadfile`: each takes whole test
+files); each starts its own Ray where its files need one, so no test ever sees the other's.
 
 Starting Ray, and Serve on it, takes seconds each time, and so does stopping them; on a
 loaded 2-core machine much more. So the tests that need Ray take it from `ray_runtime`:
 
-- `ray_runtime.local()`: one local Ray for the whole run (2 CPUs, as the CI machine, and 4
+- `ray_runtime.local()`: one local Ray for the test process (2 CPUs, as the CI machine, and 4
   declared GPUs for the denoiser pool's stage actors; the model runs on the CPU).
 - `ray_runtime.serve_app(app, name)`: runs a Serve app on it (one HTTP proxy on a free port,
   started once) for as long as the `with` block lasts, then deletes it; the next app gets
@@ -34,6 +37,9 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Ray 2.60 turns token authentication on by default; the tests talk plain HTTP to Serve.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Serve's controller kills an HTTP proxy that is not ready within 5 s; on a machine loaded by
+# two test processes a proxy's start can take longer, and nothing here is served by a second.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CPUS = 2  # as the CI machine: the Serve apps' actors take fractions of them

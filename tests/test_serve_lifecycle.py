@@ -45,7 +45,8 @@ def test_ctrl_c_on_serve_run_stops_everything_it_started(tmp_path):
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("serve")), "run", "deployments:app",
          "pipeline.steps=6", "pipeline.window=3", "world.vehicles=8", "serve.graceful_shutdown_s=1.0"],
-        cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, # A Ray of its own (RAY_ADDRESS=local), never one another test process started.
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)},
         stdout=log.open("w"), stderr=subprocess.STDOUT,
         # Its own session, so every process it starts can be found afterwards; SIGINT as a
         # terminal delivers it, even where this test runs with SIGINT ignored.

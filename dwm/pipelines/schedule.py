@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 def flow_sigmas(steps: int, shift: float = 3.0, train_steps: int = 1000) -> torch.Tensor:
@@ -21,6 +20,10 @@ def flow_sigmas(steps: int, shift: float = 3.0, train_steps: int = 1000) -> torc
         raise ValueError(f"train_steps must be a positive int, got {train_steps!r}")
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift!r}")
+    # Imported here: diffusers takes seconds to import (torch._dynamo, scipy), and processes
+    # that only carry frames (the session manager) import this module without needing it.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=train_steps, shift=shift)
     scheduler.set_timesteps(steps)
     return scheduler.sigmas.to(torch.float32).clone()
