@@ -12,42 +12,61 @@ import inspect
 
 
 class SessionError(Exception):
-    """A request about a session that cannot be served; `status` is its HTTP status."""
+    """A request about a session that cannot be served; `status` is its HTTP status, `loc`
+    the part of the request it is about (as in FastAPI's 422 answers) and `type` its kind."""
 
     status = 400
+    loc: tuple[str, ...] = ()
+    type = "bad_request"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, loc: tuple[str, ...] | None = None):
         super().__init__(message)
         self.message = message
+        if loc is not None:
+            self.loc = tuple(loc)
 
-    def __reduce__(self):  # crosses Ray as the same class with the same message
-        return (type(self), (self.message,))
+    def __reduce__(self):  # crosses Ray as the same class with the same message and loc
+        return (type(self), (self.message, self.loc))
+
+    def detail(self) -> list[dict]:
+        """The answer's `detail`: the list shape of every error answer of the API."""
+        return [{"loc": list(self.loc), "msg": self.message, "type": self.type}]
 
 
 class SessionNotFound(SessionError):
     status = 404
+    loc = ("path", "session_id")
+    type = "session_not_found"
 
 
 class MissingToken(SessionError):
     status = 401
+    loc = ("header", "authorization")
+    type = "missing_token"
 
 
 class WrongToken(SessionError):
     status = 403
+    loc = ("header", "authorization")
+    type = "wrong_token"
 
 
 class InvalidRequest(SessionError):
     status = 422
+    loc = ("body",)
+    type = "invalid_request"
 
 
 class SessionLimit(SessionError):
     status = 503
+    type = "session_limit"
 
 
 class WorldGone(SessionError):
     """The world's simulator cannot be reached now (it is being reconnected)."""
 
     status = 503
+    type = "world_unavailable"
 
 
 def refusals(method):

@@ -2,18 +2,24 @@
 
 # No `from __future__ import annotations` here: Serve rebuilds the route signatures and needs
 # real annotation objects (string ones would turn `request: Request` into a query field).
+from http import HTTPStatus
 from pathlib import Path
 
-from fastapi import Body, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.utils import is_body_allowed_for_status_code
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.errors import SessionError
 from deployments.schemas import (
     ControlRequest,
     ControlState,
+    ErrorAnswer,
     SessionCreated,
     SessionOptions,
     SessionState,
@@ -23,6 +29,8 @@ from deployments.schemas import (
 PAGE = Path(__file__).with_name("page.html")  # the browser page: plain HTML and JS, no build step
 MJPEG_BOUNDARY = "frame"
 FRAME_WAIT_S = 10.0  # long-poll length for the next frame; the stream stays open across polls
+DEFAULT_MAX_BODY_BYTES = 65536  # config serve.max_body_bytes
+SHOWN_CHARS = 64  # of an input an error answer repeats; a longer one is cut to this
 
 api = FastAPI(
     title="dwm-serve",
@@ -36,23 +44,146 @@ api = FastAPI(
 
 _ALLOWED = allowed_values()
 
+# The error answers in OpenAPI: every one has the shape of ErrorAnswer.
+_MEANINGS = {
+    400: "the body could not be read",
+    401: "no token: send `Authorization: Bearer <token>`",
+    403: "the token is not this session's",
+    404: "no such driving session",
+    413: "the request body is larger than config serve.max_body_bytes",
+    415: "a body not sent as `Content-Type: application/json`",
+    422: "a value out of range, of the wrong type or unknown; the message says what is allowed",
+    503: "cannot be served now; the message says why",
+}
+
+
+def _errors(*codes: int, by_ref: bool = False) -> dict:
+    """A route's `responses` for the error answers it gives. by_ref: for a route whose own
+    answer is not JSON (FastAPI would declare its errors in that media type); the schema is
+    then referred to, declared by the other routes."""
+    if by_ref:
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorAnswer"}}}
+        return {code: {"description": _MEANINGS[code], "content": content} for code in codes}
+    return {code: {"model": ErrorAnswer, "description": _MEANINGS[code]} for code in codes}
+
+
+def _short(text: str) -> str:
+    """`text`, cut to its first SHOWN_CHARS characters and its length when longer: an answer
+    never repeats a long input back."""
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}...({len(text)} chars)"
+
+
+def _item(loc: list, msg: str, type_: str) -> dict:
+    return {"loc": loc, "msg": msg, "type": type_}
+
 
 @api.exception_handler(RequestValidationError)
 async def _explain_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 whose every message says what the field allows."""
+    """422 whose every message says what the field allows (and repeats no more than the start
+    of a long input)."""
     details = []
     for err in exc.errors():
-        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        where = [_short(part) if isinstance(part, str) else part for part in err.get("loc", ())]
+        loc = [str(part) for part in where if part != "body"]
         field = loc[-1] if loc else "body"
         if err.get("type") == "extra_forbidden":
             fields = ", ".join(n for n in _fields_of(request))
             msg = f"unknown field {field!r}; allowed fields: {fields}"
         elif field in _ALLOWED:
-            msg = f"{field}={err.get('input')!r}: {err.get('msg', 'invalid')}; allowed: {_ALLOWED[field]}"
+            shown = _short(repr(err.get("input")))
+            msg = f"{field}={shown}: {err.get('msg', 'invalid')}; allowed: {_ALLOWED[field]}"
         else:
             msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}"
-        details.append({"loc": list(err.get("loc", ())), "msg": msg, "type": err.get("type")})
+        details.append(_item(where, msg, err.get("type")))
     return JSONResponse(status_code=422, content={"detail": details})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _refused(request: Request, exc: StarletteHTTPException) -> Response:
+    """Every other error answer in the same shape, `{"detail": [{"loc", "msg", "type"}]}`,
+    Starlette's own too (404 for a path that is not there, 405)."""
+    if not is_body_allowed_for_status_code(exc.status_code):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    detail = exc.detail
+    if not isinstance(detail, list):
+        kind = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        detail = [_item([], str(detail), kind)]
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+class BodyTooLarge(HTTPException):
+    """413. An HTTPException, so that FastAPI's reading of a body passes it on as it is (it
+    turns any other error while reading into a 400)."""
+
+    def __init__(self, limit: int):
+        msg = f"the request body is larger than this server takes: at most {limit} bytes (config serve.max_body_bytes)"
+        super().__init__(413, [_item(["body"], msg, "body_too_large")])
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 before anything
+    parses it: by its Content-Length before a byte of it is read, or, sent chunked, as soon
+    as the bytes received pass the limit."""
+
+    max_bytes = DEFAULT_MAX_BODY_BYTES  # set by Ingress.__init__: one Ingress per replica process
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        length = Headers(scope=scope).get("content-length", "").strip()
+        if length.isascii() and length.isdigit() and int(length) > limit:
+            await _answer(BodyTooLarge(limit))(scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def receive_counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def send_noted(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_counted, send_noted)
+        except BodyTooLarge as err:  # read outside a route (which answers it itself)
+            if started:
+                raise
+            await _answer(err)(scope, receive, send)
+
+
+def _answer(exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+api.add_middleware(BodyLimit)
+
+
+async def _json_body(request: Request) -> None:
+    """415 for a body not sent as JSON (FastAPI would take it as bytes and answer 422). A web
+    page of any site can POST a text/plain body without the browser asking first (no CORS
+    preflight): such a body is never read as a request. No body at all is fine."""
+    if not await request.body():  # read already, within the limit, by FastAPI
+        return
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    if kind == "application" and (subtype == "json" or subtype.endswith("+json")):
+        return
+    got = f"it came as {_short(repr(content_type))}" if content_type else "it came without a Content-Type"
+    msg = f"the body must be JSON, sent with `Content-Type: application/json`; {got}"
+    raise HTTPException(415, [_item(["header", "content-type"], msg, "unsupported_media_type")])
 
 
 def _fields_of(request: Request) -> list[str]:
@@ -70,7 +201,10 @@ def _bearer(authorization: str | None) -> str | None:
 @serve.deployment(name="Ingress", max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, sessions: DeploymentHandle):
+    def __init__(self, sessions: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"serve.max_body_bytes={max_body_bytes!r}: must be a whole number >= 1")
+        BodyLimit.max_bytes = max_body_bytes
         self.sessions = sessions
         self.page_html = PAGE.read_text()
 
@@ -79,7 +213,7 @@ class Ingress:
         result = await getattr(self.sessions, method).remote(*args)
         if isinstance(result, SessionError):
             headers = {"WWW-Authenticate": "Bearer"} if result.status == 401 else None
-            raise HTTPException(result.status, result.message, headers=headers)
+            raise HTTPException(result.status, result.detail(), headers=headers)
         return result
 
     @staticmethod
@@ -87,26 +221,36 @@ class Ingress:
         base = str(request.base_url).rstrip("/")
         return {**streams, "mjpeg": base + streams["mjpeg"]}
 
-    @api.get("/", response_class=HTMLResponse, summary="The browser page: start a session, watch it, drive it")
+    @api.get("/", response_class=HTMLResponse, summary="The browser page: start a session, watch it, drive it",
+             responses=_errors(413, by_ref=True))
     async def page(self):
         return HTMLResponse(self.page_html)
 
-    @api.post("/sessions", status_code=201, response_model=SessionCreated, summary="Start a driving session")
+    @api.post(
+        "/sessions", status_code=201, response_model=SessionCreated, summary="Start a driving session",
+        responses=_errors(400, 413, 415, 422, 503), dependencies=[Depends(_json_body)],
+    )
     async def create_session(self, request: Request, options: SessionOptions | None = Body(None)):
         created = await self._call("create", (options or SessionOptions()).model_dump())
         return {**created, "streams": self._absolute(request, created["streams"])}
 
-    @api.get("/sessions", response_model=list[SessionState], summary="All driving sessions")
+    @api.get("/sessions", response_model=list[SessionState], summary="All driving sessions", responses=_errors(413))
     async def list_sessions(self, request: Request):
         states = await self._call("list")
         return [{**s, "streams": self._absolute(request, s["streams"])} for s in states]
 
-    @api.get("/sessions/{session_id}", response_model=SessionState, summary="A session's state and stats")
+    @api.get(
+        "/sessions/{session_id}", response_model=SessionState, summary="A session's state and stats",
+        responses=_errors(404, 413, 422),
+    )
     async def get_session(self, session_id: str, request: Request):
         state = await self._call("get", session_id)
         return {**state, "streams": self._absolute(request, state["streams"])}
 
-    @api.post("/sessions/{session_id}/control", response_model=ControlState, summary="Drive: merge into the sticky control")
+    @api.post(
+        "/sessions/{session_id}/control", response_model=ControlState, summary="Drive: merge into the sticky control",
+        responses=_errors(400, 401, 403, 404, 413, 415, 422, 503), dependencies=[Depends(_json_body)],
+    )
     async def control(self, session_id: str, changes: ControlRequest, authorization: str | None = Header(None)):
         return await self._call("control", session_id, _bearer(authorization), changes.model_dump(exclude_none=True))
 
@@ -114,6 +258,7 @@ class Ingress:
         "/sessions/{session_id}",
         response_model=SessionState,
         summary="End a session: frees its car, queue and stream; answers its final state",
+        responses=_errors(401, 403, 404, 413, 422),
     )
     async def delete_session(self, session_id: str, request: Request, authorization: str | None = Header(None)):
         state = await self._call("delete", session_id, _bearer(authorization))
@@ -123,6 +268,7 @@ class Ingress:
         "/sessions/{session_id}/video.mjpg",
         summary="The session's live video: multipart/x-mixed-replace JPEG frames",
         response_class=StreamingResponse,
+        responses=_errors(404, 413, 422),
     )
     async def video(self, session_id: str):
         await self._call("get", session_id)  # 404 before the stream starts
@@ -147,14 +293,20 @@ class Ingress:
             headers={"Cache-Control": "no-store"},
         )
 
-    @api.get("/pipelines", summary="Where the model runs: pipelines, their sessions, each stage's GPU and node")
+    @api.get(
+        "/pipelines", summary="Where the model runs: pipelines, their sessions, each stage's GPU and node",
+        responses=_errors(413),
+    )
     async def pipelines(self):
         return await self._call("pipelines")
 
     @api.get(
         "/sessions/{session_id}/layout.png",
         summary="The newest conditions' layout images side by side (what the model is asked to draw)",
-        responses={200: {"content": {"image/png": {}}}, 204: {"description": "no conditions yet"}},
+        responses={
+            200: {"content": {"image/png": {}}}, 204: {"description": "no conditions yet"},
+            **_errors(404, 413, 422),
+        },
     )
     async def layout(self, session_id: str, kind: str = Query("both", description="map, boxes or both")):
         png = await self._call("layout_png", session_id, kind)

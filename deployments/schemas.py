@@ -76,7 +76,10 @@ class VideoOutput(BaseModel):
 class SessionStats(BaseModel):
     frames_in: int = Field(description="condition frames pushed into the queue")
     frames_out: int = Field(description="generated frames out of the queue")
-    fps: float = Field(description="generated frames per second over the last serve.fps_window seconds")
+    fps: float = Field(
+        description="generated frames per second over the last serve.fps_window seconds; slower than 2 frames "
+        "in that window: from the last two frames (at most 1 / the seconds since the newest); 0 before the second"
+    )
     queue_depth: int = Field(description="frames between a frame's conditions entering and its picture leaving")
     ego_speed: float = Field(description="m/s, signed (negative when reversing)")
     sim_time: float = Field(description="s, simulation time of the newest observation")
@@ -105,6 +108,18 @@ class SessionState(BaseModel):
     control: ControlState
     streams: Streams
     stats: SessionStats
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="where in the request: e.g. [\"body\", \"steer\"], [\"path\", \"session_id\"]")
+    msg: str = Field(description="what is wrong, and what is allowed")
+    type: str = Field(description="the kind of error, e.g. session_not_found, body_too_large")
+
+
+class ErrorAnswer(BaseModel):
+    """Every error answer of the API (4xx, 503): what is wrong, one item per problem."""
+
+    detail: list[ErrorItem]
 
 
 def allowed_values() -> dict[str, str]:

@@ -17,6 +17,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable, Container
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +41,15 @@ from dwm.world.base import VehicleControl, WorldUnavailableError
 log = logging.getLogger("ray.serve")
 
 LAYOUT_KINDS = ("map", "boxes", "both")
+
+
+def new_session_id(taken: Container[str], draw: Callable[[], str] = lambda: secrets.token_hex(8)) -> str:
+    """A new session id: 64 random bits (16 hex digits), none of the `taken` ones. Ids are in
+    URLs and listed by GET /sessions, so they need not be secret (the token is), but they must
+    not be guessed into a collision."""
+    while (session_id := draw()) in taken:
+        pass
+    return session_id
 
 
 class ServedSession:
@@ -256,7 +266,7 @@ class SessionManager:
             self._starting -= 1
 
     async def _start(self, options: dict, record_dir: str | None) -> dict:
-        session_id = secrets.token_hex(4)
+        session_id = new_session_id(self.sessions)
         token = secrets.token_urlsafe(18)
         autopilot = options.get("autopilot")
         autopilot = bool(self.cfg.serve.autopilot) if autopilot is None else autopilot
@@ -361,9 +371,11 @@ class SessionManager:
     async def layout_png(self, session_id: str, kind: str) -> bytes | None:
         """The newest conditions' layout images side by side (PNG, model resolution), or None
         before the first. kind: map, boxes or both (max of the two, as the model sees them)."""
+        served = self._served(session_id)  # an unknown session is 404 whatever the kind
         if kind not in LAYOUT_KINDS:
-            raise InvalidRequest(f"kind={kind!r}: allowed {', '.join(LAYOUT_KINDS)}")
-        conditions = self._served(session_id).session.last_conditions
+            shown = repr(kind) if len(kind) <= 64 else f"{kind[:64]!r}...({len(kind)} chars)"
+            raise InvalidRequest(f"kind={shown}: allowed {', '.join(LAYOUT_KINDS)}", loc=("query", "kind"))
+        conditions = served.session.last_conditions
         if conditions is None:
             return None
 

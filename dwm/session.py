@@ -214,7 +214,8 @@ class DrivingSession:
             if shown is not None:  # the first frame out whose observation came after it
                 self.latency_frames = self.frames_out - shown.frames_out
                 self.latency_s = now - shown.at
-        while self._out_times and now - self._out_times[0] > self.fps_window:
+        # The last two frames stay, whatever their age: fps() measures a slow rate from them.
+        while len(self._out_times) > 2 and now - self._out_times[0] > self.fps_window:
             self._out_times.popleft()
         return frames
 
@@ -240,12 +241,18 @@ class DrivingSession:
     # ------------------------------------------------------------------ stats
 
     def fps(self) -> float:
-        """Frames out per second over the last `fps_window` s."""
+        """Frames out per second: over the frames out in the last `fps_window` s, or, with
+        fewer than two there (a slower rate), from the last two frames, and then no more than
+        1 / the time since the newest one (a session that stopped making frames falls towards
+        0). 0 before the second frame."""
+        if len(self._out_times) < 2:
+            return 0.0
         now = self._clock()
         times = [t for t in self._out_times if now - t <= self.fps_window]
-        if len(times) < 2:
-            return 0.0
-        return (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+        if len(times) >= 2:
+            return (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+        before, last = self._out_times[-2], self._out_times[-1]
+        return 1.0 / max(last - before, now - last, 1e-9)
 
     def stats(self, world_time: float = 0.0) -> DrivingStats:
         """world_time: s, the world's simulation time, reported until the first observation."""

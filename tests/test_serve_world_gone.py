@@ -58,8 +58,10 @@ def drive(base: str, flag: Path) -> None:
     r = requests.post(f"{base}/sessions/{sid}/control", json={"throttle": 0.5}, headers=auth, timeout=30)
     assert r.status_code == 200, r.text
     r = requests.post(f"{base}/sessions/{sid}/control", json={"autopilot": False}, headers=auth, timeout=30)
-    assert r.status_code == 503 and "did not reach the world" in r.json()["detail"], r.text
-    assert "Traceback" not in r.json()["detail"]
+    assert r.status_code == 503, r.text
+    (refused,) = r.json()["detail"]  # every error answer: [{"loc", "msg", "type"}]
+    assert "did not reach the world" in refused["msg"] and refused["type"] == "world_unavailable", r.text
+    assert "Traceback" not in refused["msg"]
     frames_then = state()["stats"]["frames_out"]
 
     flag.unlink()  # and comes back
