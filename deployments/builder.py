@@ -44,7 +44,7 @@ def app(args: dict[str, str] | None = None) -> Application:
     )
     return Ingress.options(
         num_replicas=int(s.ingress.replicas), ray_actor_options={"num_cpus": s.ingress.num_cpus}, **stop
-    ).bind(sessions)
+    ).bind(sessions, s.max_body_bytes)
 
 
 def check(cfg: DictConfig) -> None:
@@ -75,6 +75,10 @@ def check(cfg: DictConfig) -> None:
             continue  # one per stage with device=cuda
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"serve.{key}={value}: must be a number >= 0")
+    if isinstance(s.max_body_bytes, bool) or not (isinstance(s.max_body_bytes, int) and s.max_body_bytes >= 1):
+        raise ConfigError(f"serve.max_body_bytes={s.max_body_bytes}: must be a whole number of bytes >= 1")
+    if not isinstance(s.stage.compiled_graph, bool):
+        raise ConfigError(f"serve.stage.compiled_graph={s.stage.compiled_graph}: must be true (Ray Compiled Graphs) or false (plain Ray calls)")
     if s.record_dir is not None and not isinstance(s.record_dir, str):
         raise ConfigError(f"serve.record_dir={s.record_dir}: must be a folder path or null")
     p = cfg.pipeline

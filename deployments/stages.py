@@ -5,9 +5,23 @@ model itself: it places P pipelines, each B `StageActor`s in a placement group (
 per stage with `serve.stage.num_gpus` GPUs; strategy `serve.stage.placement`, PACK by
 default: a pipeline's stages on one node when they fit, NVLink between them, spread over
 nodes when they must). Stage b of a pipeline holds band b of the queues of every session on
-that pipeline (`dwm.pipelines.stages.BandStage`); the pool keeps each session's
-`QueueFront` and, per round, calls every stage of every pipeline at once and carries each
-stage's handed-on frames to the next stage for the next round.
+that pipeline (`dwm.pipelines.stages.BandStage`), with the denoiser; the last stage also
+holds the decoder. The pool keeps each session's front (its noise, its phase and the text
+encoder, one for all pipelines), feeds the stages the new frames and takes the decoded
+frames from the last stage.
+
+A round of a pipeline is one execution of its compiled graph (Ray Compiled Graphs,
+`serve.stage.compiled_graph`, on by default):
+
+    round input --> stage 0 step --> stage 1 take    (frames handed on, stage to stage)
+                \\-> stage 1 step --> stage 2 take
+                \\-> ...           --> decoded frames out of the last stage
+
+Every stage steps at once; each hands its frames to the next itself (shared memory between
+processes on one node; NCCL between GPU stages, `with_tensor_transport`), and only the
+round's input and the decoded frames pass through this process. With `compiled_graph=false`
+the same stage methods are called round by round with plain Ray calls, every hand-over
+through this process: the path to compare against (bench/bench_pool.py).
 
 A session joins the pipeline with the fewest sessions. When a stage dies, its pipeline is
 given up: its sessions are rebuilt on the healthy pipelines (a new queue that warms up
@@ -19,21 +33,33 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
-from ray.exceptions import RayActorError
+from ray.dag import InputNode, MultiOutputNode
+from ray.exceptions import RayActorError, RayChannelError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dwm.conditions.packed import PackedConditions
+from dwm.models.base import TextEmbedding
+from dwm.models.checkpoint import build_denoiser
 from dwm.pipelines.fifo import LatentFrame, Phase, QueueFront, QueueSchedule
-from dwm.pipelines.stages import BandStage, enter_conditions, handed_bytes
-from dwm.pipelines.streaming import StreamingPipeline, frame_shape, model_dtype
+from dwm.pipelines.stages import BandStage, FrameInputs, SessionFront, handed_bytes
+from dwm.pipelines.streaming import build_decoder, build_text_encoder, frame_shape, model_dtype
 
 log = logging.getLogger("ray.serve")
+
+# What a failed round of a pipeline raises: a stage died (plain calls), or the compiled
+# graph's channels closed because one did.
+STAGE_LOST = (RayActorError, RayChannelError)
+# A round takes what it takes (a warm-up of N steps on a slow device): the compiled graph's
+# waits are bounded only by this. (A timeout of -1, "forever" in Ray's docs, is turned into
+# -1000 ms by its shared-memory channel and fails at once.)
+ROUND_TIMEOUT_S = 24 * 3600.0
 
 
 def queue_schedule(cfg: DictConfig) -> QueueSchedule:
@@ -42,9 +68,27 @@ def queue_schedule(cfg: DictConfig) -> QueueSchedule:
     return QueueSchedule(p.steps, p.window, p.bands, p.shift, p.train_steps)
 
 
+@dataclass
+class RoundInput:
+    """What every stage of a pipeline is given for one round.
+
+    entering: per band, session -> the frame entering it from the session's front (band 0
+    once the queue runs; the band the queue fills while it gathers); phases: session -> the
+    phase of its push this round (sessions without a frame this round are absent);
+    opened: session -> its V empty captions' embedding, for sessions new on this pipeline;
+    closed: sessions to drop. Opens and closes apply before the round's frames.
+    """
+
+    entering: list[dict[str, LatentFrame]]
+    phases: dict[str, Phase]
+    opened: dict[str, TextEmbedding] = field(default_factory=dict)
+    closed: list[str] = field(default_factory=list)
+
+
 @ray.remote
 class StageActor:
-    """Band `band` of a pipeline: the model and that band of its sessions' queues."""
+    """Band `band` of a pipeline: the denoiser (and the decoder on the last stage) and that
+    band of its sessions' queues."""
 
     def __init__(self, cfg: dict, band: int):
         cfg = OmegaConf.create(cfg)
@@ -54,11 +98,15 @@ class StageActor:
         threads = cfg.serve.stage.torch_threads
         if threads:
             torch.set_num_threads(int(threads))
-        model = StreamingPipeline.build_model(cfg)
         p = cfg.pipeline
+        schedule = queue_schedule(cfg)
+        last = band == schedule.bands - 1
         self.stage = BandStage(
-            model, band, queue_schedule(cfg), guidance=p.guidance, resolution=p.resolution,
-            device=cfg.device, dtype=model_dtype(cfg), batch_sessions=bool(cfg.serve.stage.batch_sessions),
+            build_denoiser(cfg, torch.device(cfg.device), model_dtype(cfg)),
+            build_decoder(cfg) if last else None,
+            band, schedule, guidance=p.guidance, resolution=p.resolution, device=cfg.device,
+            dtype=model_dtype(cfg), batch_sessions=bool(cfg.serve.stage.batch_sessions),
+            keep_on_device=str(cfg.device).startswith("cuda"),
         )
         context = ray.get_runtime_context()
         self.placement = {
@@ -69,29 +117,69 @@ class StageActor:
     def where(self) -> dict:
         return self.placement
 
-    def open(self, session_id: str) -> None:
-        self.stage.open(session_id)
+    def holds(self) -> dict[str, str | None]:
+        """The model parts this stage holds: part -> class name, or None where it holds none."""
+        stage = self.stage
+        return {"denoiser": type(stage.denoiser).__name__,
+                "decoder": type(stage.decoder).__name__ if stage.decoder is not None else None,
+                "text_encoder": None}  # stages never encode: frames bring their embeddings
 
-    def close(self, session_id: str) -> None:
-        self.stage.close(session_id)
-
-    def round(self, entering: dict[str, LatentFrame], phases: dict[str, Phase]) -> tuple[dict, float]:
-        """The stage's round, and the seconds it worked on it (its model calls and updates)."""
+    def step(self, work: RoundInput) -> tuple[dict, float]:
+        """The stage's step of a round; returns (its frames handed out, seconds it worked)."""
         start = time.perf_counter()
-        out = self.stage.round(entering, phases)
+        for session_id in work.closed:
+            self.stage.close(session_id)
+        for session_id, empty_text in work.opened.items():
+            self.stage.open(session_id, empty_text)
+        out = self.stage.step(_owned(work.entering[self.stage.band]), work.phases)
         return out, time.perf_counter() - start
+
+    def take(self, handed: tuple[dict, float]) -> dict:
+        """The previous stage's hand-over of this round joins this stage's bands; returns what
+        crossed (frames, bytes) and the seconds both stages worked on it."""
+        frames, step_s = handed
+        start = time.perf_counter()
+        self.stage.take(_owned(frames))
+        return {"frames": len(frames), "bytes": sum(handed_bytes(f) for f in frames.values()),
+                "previous_step_s": step_s, "take_s": time.perf_counter() - start}
+
+
+def _owned(frames: dict[str, LatentFrame]) -> dict[str, LatentFrame]:
+    """The frames with arrays of their own. A compiled graph's channel hands NumPy arrays over
+    without a copy, as views of its buffer, and a buffer is written again only when no view of
+    it is left: a frame kept in a band with such a view would hold its buffer for the frame's
+    whole stay, and after as many rounds as the channel has buffers the round input could no
+    longer be written (the graph stops)."""
+    out = {}
+    for session_id, frame in frames.items():
+        inputs: FrameInputs = frame.payload
+        conditions = replace(inputs.conditions, camera_params=np.array(inputs.conditions.camera_params))
+        out[session_id] = LatentFrame(frame.latent, frame.index, inputs._replace(conditions=conditions))
+    return out
 
 
 @dataclass
 class Handover:
     """Running totals of the frames carried from one stage to the next, and of what a round
-    costs beyond its slowest stage's own work (calling the stages, carrying the frames)."""
+    costs beyond its slowest stage's own work (starting the round, carrying the frames)."""
 
     frames: int = 0
     bytes: int = 0
     rounds: int = 0
     overhead_s: float = 0.0  # round wall time minus the slowest stage's work, summed
-    work_s: float = 0.0  # the slowest stage's work, summed
+    work_s: float = 0.0  # the slowest stage's work (its step and its take), summed
+    wall_s: float = 0.0  # the rounds' wall time, summed
+    stage_s: list[float] = field(default_factory=list)  # per stage, its work, summed
+
+    def add(self, wall_s: float, stage_work_s: list[float], crossed: list[dict]) -> None:
+        work = max(stage_work_s)
+        self.rounds += 1
+        self.work_s += work
+        self.wall_s += wall_s
+        self.overhead_s += max(wall_s - work, 0.0)
+        self.stage_s = [a + b for a, b in zip(self.stage_s, stage_work_s)] if self.stage_s else list(stage_work_s)
+        self.frames += sum(c["frames"] for c in crossed)
+        self.bytes += sum(c["bytes"] for c in crossed)
 
     def stats(self) -> dict:
         rounds = max(self.rounds, 1)
@@ -99,6 +187,8 @@ class Handover:
             "frames": self.frames, "bytes_per_frame": self.bytes // max(self.frames, 1), "rounds": self.rounds,
             "overhead_ms_per_round": round(1e3 * self.overhead_s / rounds, 3),
             "stage_work_ms_per_round": round(1e3 * self.work_s / rounds, 3),
+            # per stage: the fraction of the rounds' wall time it did no work of its own
+            "stage_idle": [round(1 - s / self.wall_s, 4) for s in self.stage_s] if self.wall_s else [],
         }
 
 
@@ -107,13 +197,60 @@ class Pipeline:
     index: int
     stages: list  # StageActor handles, band order
     group: object  # its placement group
+    graph: object | None = None  # its compiled graph (None: plain Ray calls)
     sessions: set[str] = field(default_factory=set)
-    pending: list[dict] = field(default_factory=list)  # per stage: frames handed on for the next round
+    opened: dict[str, TextEmbedding] = field(default_factory=dict)  # for the next round
+    closed: list[str] = field(default_factory=list)  # for the next round
     healthy: bool = True
+
+    def start(self, work: RoundInput):
+        """Start a round; `finish` waits for it."""
+        if self.graph is not None:
+            return self.graph.execute(work)
+        return [stage.step.remote(work) for stage in self.stages]
+
+    def finish(self, started) -> tuple[dict, list[float], list[dict]]:
+        """(session -> decoded views from the last stage, each stage's work in seconds, what
+        crossed each hand-over)."""
+        if self.graph is not None:
+            (out, last_s), *crossed = [ref.get(timeout=ROUND_TIMEOUT_S) for ref in started]
+        else:  # the coordinator carries each stage's hand-over to the next itself
+            steps = ray.get(started)
+            crossed = ray.get([stage.take.remote(handed) for stage, handed in zip(self.stages[1:], steps[:-1])])
+            out, last_s = steps[-1]
+        work = [c["previous_step_s"] + (crossed[b - 1]["take_s"] if b else 0.0) for b, c in enumerate(crossed)]
+        work.append(last_s + (crossed[-1]["take_s"] if crossed else 0.0))
+        return out, work, crossed
+
+    def stop(self) -> None:
+        """Tear its graph down and its stages and placement group."""
+        if self.graph is not None:
+            try:
+                self.graph.teardown()
+            except Exception:  # a stage already gone: nothing left to tear down there
+                pass
+            self.graph = None
+        for stage in self.stages:
+            ray.kill(stage, no_restart=True)
+        remove_placement_group(self.group)
+
+
+def compile_pipeline(stages: list, on_gpus: bool) -> object:
+    """The compiled graph of one round over `stages` (see the module docstring): every stage
+    steps on the round's input, each stage b > 0 takes stage b-1's hand-over; the outputs are
+    the last stage's step and every take's account. on_gpus: the hand-overs' tensors go
+    device to device (NCCL), overlapped with the stages' compute."""
+    with InputNode() as work:
+        steps = [stage.step.bind(work) for stage in stages]
+        if on_gpus:
+            steps[:-1] = [step.with_tensor_transport("auto") for step in steps[:-1]]
+        takes = [stage.take.bind(handed) for stage, handed in zip(stages[1:], steps[:-1])]
+        graph = MultiOutputNode([steps[-1], *takes])
+    return graph.experimental_compile(_submit_timeout=ROUND_TIMEOUT_S, _overlap_gpu_communication=on_gpus)
 
 
 class DenoiserPool:
-    """P pipelines of B stage actors and every session's queue front."""
+    """P pipelines of B stage actors, the text encoder and every session's front."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -144,8 +281,11 @@ class DenoiserPool:
                 for b in range(self.bands)
             ]
             ray.get([stage.where.remote() for stage in stages])  # built, or the error now
-            self.pipelines.append(Pipeline(i, stages, group, pending=[{} for _ in range(self.bands)]))
-        self.fronts: dict[str, QueueFront] = {}
+            graph = compile_pipeline(stages, on_gpus=bool(gpus) and str(cfg.device).startswith("cuda")) \
+                if s.stage.compiled_graph else None
+            self.pipelines.append(Pipeline(i, stages, group, graph))
+        self.text_encoder = build_text_encoder(cfg)  # one for every session: the prompt cache is shared
+        self.fronts: dict[str, SessionFront] = {}
         self.seeds: dict[str, int] = {}
         self.where: dict[str, Pipeline] = {}
         self.frames_out: dict[str, int] = {}
@@ -162,13 +302,13 @@ class DenoiserPool:
 
     def _attach(self, session_id: str, views: int) -> int:
         pipeline = self._least_loaded()
-        ray.get([stage.open.remote(session_id) for stage in pipeline.stages])
         p = self.cfg.pipeline
         shape = frame_shape(views, self.latent_channels, p.resolution)
         front = QueueFront(queue_schedule(self.cfg), shape, self.seeds[session_id], p.text_interval)
-        self.fronts[session_id] = front
+        self.fronts[session_id] = SessionFront(front, self.text_encoder, views)
         self.where[session_id] = pipeline
         pipeline.sessions.add(session_id)
+        pipeline.opened[session_id] = self.fronts[session_id].empty_text  # the stages open it with its next round
         return front.schedule.depth
 
     def close(self, session_id: str) -> None:
@@ -178,13 +318,8 @@ class DenoiserPool:
         if pipeline is None:
             return
         pipeline.sessions.discard(session_id)
-        for pending in pipeline.pending:
-            pending.pop(session_id, None)
-        if pipeline.healthy:
-            try:
-                ray.get([stage.close.remote(session_id) for stage in pipeline.stages])
-            except RayActorError:
-                self._fail(pipeline)
+        if pipeline.opened.pop(session_id, None) is None:  # the stages hold it: drop it with the next round
+            pipeline.closed.append(session_id)
 
     def _least_loaded(self) -> Pipeline:
         healthy = [p for p in self.pipelines if p.healthy]
@@ -198,45 +333,37 @@ class DenoiserPool:
         """One round: each session's new conditions in, the frames that leave out.
 
         Returns (session -> [(frame index, images (V, 3, H, W))], session -> frames lost by a
-        restart of its queue in this round). All pipelines' stages run at once."""
-        calls, waiting_by = [], {}
+        restart of its queue in this round). All pipelines' rounds run at once."""
+        started = []
         for pipeline in self.pipelines:
             mine = {sid: c for sid, c in frames.items() if self.where.get(sid) is pipeline}
             if not pipeline.healthy or not mine:
                 continue
-            # Frames handed on enter with their session's next frame; a session that skips a
-            # round keeps them waiting (its bands must not take a frame without a shift).
-            entering = [{sid: f for sid, f in pending.items() if sid in mine} for pending in pipeline.pending]
-            waiting = [{sid: f for sid, f in pending.items() if sid not in mine} for pending in pipeline.pending]
-            phases = {}
+            work = RoundInput([{} for _ in range(self.bands)], {}, pipeline.opened, pipeline.closed)
+            pipeline.opened, pipeline.closed = {}, []
             for sid, conditions in mine.items():
-                entry = enter_conditions(self.fronts[sid], conditions)
-                entering[entry.band][sid] = entry.frame
-                phases[sid] = entry.phase
-            waiting_by[pipeline.index] = waiting
+                entry = self.fronts[sid].enter(conditions)
+                work.entering[entry.band][sid] = entry.frame
+                work.phases[sid] = entry.phase
             start = time.perf_counter()
-            calls.append((pipeline, start, [stage.round.remote(entering[b], phases) for b, stage in enumerate(pipeline.stages)]))
+            try:
+                started.append((pipeline, start, pipeline.start(work)))
+            except STAGE_LOST:
+                started.append((pipeline, start, None))
         out: dict[str, list[tuple[int, torch.Tensor]]] = {}
         restarted: dict[str, int] = {}
-        for pipeline, start, refs in calls:
+        for pipeline, start, handle in started:
             try:
-                answers = ray.get(refs)
-            except RayActorError:
+                if handle is None:
+                    raise RayChannelError("the pipeline's graph is closed")
+                images, work_s, crossed = pipeline.finish(handle)
+            except STAGE_LOST:
                 restarted.update(self._fail(pipeline))
                 continue
-            results = [out for out, _ in answers]
-            work = max(seconds for _, seconds in answers)
-            self.handover.rounds += 1
-            self.handover.work_s += work
-            self.handover.overhead_s += max(time.perf_counter() - start - work, 0.0)
-            waiting = waiting_by[pipeline.index]
-            pipeline.pending = [{**waiting[0]}] + [{**w, **r} for w, r in zip(waiting[1:], results[:-1])]
-            for handed in results[:-1]:
-                self.handover.frames += len(handed)
-                self.handover.bytes += sum(handed_bytes(f) for f in handed.values())
-            for sid, images in results[-1].items():
+            self.handover.add(time.perf_counter() - start, work_s, crossed)
+            for sid, views in images.items():
                 if sid in self.frames_out:
-                    out[sid] = [(self.frames_out[sid], images)]
+                    out[sid] = [(self.frames_out[sid], views)]
                     self.frames_out[sid] += 1
         return out, restarted
 
@@ -245,14 +372,12 @@ class DenoiserPool:
         Returns session -> frames that were inside its old queue (pushed, never out: lost)."""
         pipeline.healthy = False
         moving, pipeline.sessions = sorted(pipeline.sessions), set()
-        pipeline.pending = [{} for _ in range(self.bands)]
+        pipeline.opened, pipeline.closed = {}, []
         log.error("denoiser pipeline %d lost a stage; moving its sessions %s", pipeline.index, moving)
-        for stage in pipeline.stages:
-            ray.kill(stage, no_restart=True)
-        remove_placement_group(pipeline.group)
+        pipeline.stop()
         lost = {}
         for sid in moving:
-            front = self.fronts[sid]
+            front = self.fronts[sid].front
             lost[sid] = front.pushed - self.frames_out[sid]
             self._attach(sid, front.frame_shape[0])
         return lost
@@ -265,3 +390,10 @@ class DenoiserPool:
             out.append({"index": pipeline.index, "healthy": pipeline.healthy,
                         "sessions": sorted(pipeline.sessions), "stages": stages})
         return out
+
+    def shutdown(self) -> None:
+        """Tear every pipeline down (its graph, stages and placement group)."""
+        for pipeline in self.pipelines:
+            if pipeline.healthy:
+                pipeline.healthy = False
+                pipeline.stop()

@@ -46,9 +46,9 @@ def four_gpus(ray_runtime):
     assert ray.cluster_resources().get("GPU", 0) >= 4
 
 
-@pytest.mark.parametrize("bands", [2, 4])
-def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_process(four_gpus, bands):
-    cfg = config(bands)
+@pytest.mark.parametrize(("bands", "graph"), [(2, True), (4, True), (2, False)], ids=["2-graph", "4-graph", "2-calls"])
+def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_process(four_gpus, bands, graph):
+    cfg = config(bands, **{"serve.stage.compiled_graph": str(graph).lower()})
     (frames,) = packed_drive(cfg, frames=3 * bands + 4)
     # The queue in one piece, here, with the stages' thread count (1): a matmul's rounding
     # may depend on how many threads split it.
@@ -78,12 +78,16 @@ def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_pr
             assert torch.equal(a, b)
         handover = pool.handover.stats()
         latent = 3 * 16 * 22 * 38 * 4  # bytes of one float32 latent frame
-        assert handover["frames"] > 0 and latent < handover["bytes_per_frame"] < 1.2 * latent  # + compact conditions
+        text = pool.text_encoder.encode([""] * 3).nbytes
+        # Each frame carries its latent, its caption embedding and its compact conditions.
+        assert handover["frames"] > 0 and latent + text < handover["bytes_per_frame"] < 1.2 * (latent + text)
+
+        # Lean stages: the denoiser everywhere, the decoder only where frames leave, no text encoder.
+        holds = ray.get([ray.get_actor(s["actor"]).holds.remote() for s in pipeline["stages"]])
+        assert [h["decoder"] is not None for h in holds] == [False] * (bands - 1) + [True]
+        assert all(h["text_encoder"] is None and h["denoiser"] for h in holds)
     finally:
-        for p in pool.pipelines:
-            for stage in p.stages:
-                ray.kill(stage)
-            ray.util.remove_placement_group(p.group)
+        pool.shutdown()
 
 
 def test_sessions_go_to_the_least_loaded_pipeline_and_a_dead_stage_moves_them(four_gpus):
@@ -125,8 +129,4 @@ def test_sessions_go_to_the_least_loaded_pipeline_and_a_dead_stage_moves_them(fo
         images, _ = pool.push_many({"a": a[15], "b": b[15], "c": c[15]})
         assert "b" in images and images["b"][0][0] == 5  # its frame count goes on from 5
     finally:
-        for p in pool.pipelines:
-            for stage in p.stages:
-                ray.kill(stage)
-            if p.healthy:
-                ray.util.remove_placement_group(p.group)
+        pool.shutdown()

@@ -19,7 +19,7 @@ from dwm.config import compose, instantiate
 from dwm.models.base import TextEmbedding
 from dwm.models.ctsd import AXIAL_QK_NORM_EPS, CrossviewTemporalDiT, Float32LayerNorm
 from dwm.pipelines.fifo import LATENT_DTYPE, LatentFrame, Phase, QueueFront, QueueSchedule
-from dwm.pipelines.stages import BandStage, enter_conditions
+from dwm.pipelines.stages import BandStage, SessionFront
 from dwm.pipelines.streaming import StreamingPipeline, frame_contexts, frame_shape, model_dtype
 from tests.driving import packed_drive
 
@@ -87,17 +87,18 @@ def test_the_stage_hand_over_and_the_noise_are_float32_with_a_half_precision_mod
     p = cfg.pipeline
     model = StreamingPipeline.build_model(cfg)
     schedule = QueueSchedule(p.steps, p.window, p.bands)
-    stage = BandStage(model, 0, schedule, guidance=p.guidance, resolution=p.resolution, dtype=model_dtype(cfg))
-    stage.open("s")
-    front = QueueFront(schedule, frame_shape(3, 16, p.resolution), seed=0)
+    stage = BandStage(model.denoiser, None, 0, schedule, guidance=p.guidance, resolution=p.resolution,
+                      dtype=model_dtype(cfg))
+    front = SessionFront(QueueFront(schedule, frame_shape(3, 16, p.resolution), seed=0), model.text_encoder, 3)
+    stage.open("s", front.empty_text)
     handed: list[LatentFrame] = []
     for conditions in packed_drive(cfg, 7)[0]:
-        entry = enter_conditions(front, conditions)
+        entry = front.enter(conditions)
         assert entry.frame.latent.dtype == torch.float32  # the noise
         entering = {"s": entry.frame} if entry.band == 0 else {}
         if entry.phase == Phase.GATHER and entry.band != 0:
             continue  # band 1's frames; this test holds band 0 only
-        handed += stage.round(entering, {"s": entry.phase}).values()
+        handed += stage.step(entering, {"s": entry.phase}).values()
     assert handed and all(f.latent.dtype == torch.float32 for f in handed)
     assert all(0 < f.index < p.steps for f in handed)  # partly denoised, handed on to band 1
 

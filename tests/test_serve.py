@@ -8,12 +8,17 @@ made.
 
 from __future__ import annotations
 
+import http.client
+import json
 import multiprocessing as mp
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import av
 import cv2
@@ -23,7 +28,9 @@ import requests
 
 import deployments
 from dwm.client.api import ApiError, SessionClient
+from deployments.sessions import new_session_id
 from dwm.config import ConfigError
+from dwm.session import DrivingSession
 from dwm.video.encoder import ACCESS_UNIT_DELIMITER
 from tests.waiting import eventually, free_port
 
@@ -33,6 +40,7 @@ FAST = {"pipeline.steps": "6", "pipeline.window": "3", "world.vehicles": "8"}
 MAX_SESSIONS = 3
 VIEWS, VIEW_H, VIEW_W = 3, 172, 304  # nusc_3views at pipeline.output_size
 MODEL_W = 304  # pipeline.resolution width: one view of the layout PNG
+MAX_BODY = 65536  # serve.max_body_bytes, the default
 WAIT_S = 120.0  # upper bound for anything to happen; a healthy run takes a few seconds
 
 
@@ -112,6 +120,29 @@ def api(server: Server) -> Iterator[Server]:
     yield server
     for session_id in list(server.tokens):
         server.delete(session_id)
+
+
+def refusal(r: requests.Response, status: int) -> str:
+    """The messages of an error answer, once its status and its shape are checked: every
+    error answer is `{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`."""
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and detail, r.text
+    for item in detail:
+        assert set(item) == {"loc", "msg", "type"} and isinstance(item["loc"], list), item
+        assert isinstance(item["msg"], str) and isinstance(item["type"], str), item
+    return "; ".join(item["msg"] for item in detail)
+
+
+def raw_answer(base: str, head: list[str], body: bytes = b"") -> tuple[int, dict]:
+    """Send a request's head (request line and headers) and `body` as they are, then read
+    the answer: (status, JSON body). For what `requests` would not send."""
+    url = urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=WAIT_S) as sock:
+        sock.sendall("\r\n".join([*head, f"Host: {url.netloc}", "", ""]).encode() + body)
+        response = http.client.HTTPResponse(sock, method=head[0].split()[0])
+        response.begin()
+        return response.status, json.loads(response.read())
 
 
 # ----------------------------------------------------------------------------- MJPEG
@@ -250,9 +281,9 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
 
     # Another session's token, or none.
     r = api.control(a["id"], token=b["token"], steer=0.5)
-    assert r.status_code == 403 and a["id"] in r.json()["detail"]
+    assert a["id"] in refusal(r, 403)
     r = requests.post(f"{url}/control", json={"steer": 0.5}, timeout=30)
-    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"]
+    assert "Authorization: Bearer" in refusal(r, 401)
     r = requests.delete(url, headers={"Authorization": f"Bearer {b['token']}"}, timeout=30)
     assert r.status_code == 403
     # A token that is not even ASCII is just a wrong token (latin-1 bytes in the header).
@@ -271,7 +302,7 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
         ),
         requests.delete(f"{base}/sessions/nosuch", headers={"Authorization": f"Bearer {a['token']}"}, timeout=30),
     ):
-        assert r.status_code == 404 and "nosuch" in r.json()["detail"], r.text
+        assert "nosuch" in refusal(r, 404)
 
     # Out of range, wrong types, unknown fields: 422 saying what is allowed.
     for changes, field, allowed in (
@@ -297,13 +328,139 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
     while len(api.tokens) < MAX_SESSIONS:
         api.create()
     r = requests.post(f"{base}/sessions", timeout=30)
-    assert r.status_code == 503, r.text
-    assert "serve.max_sessions" in r.json()["detail"] and str(MAX_SESSIONS) in r.json()["detail"]
+    message = refusal(r, 503)
+    assert "serve.max_sessions" in message and str(MAX_SESSIONS) in message
 
     # None of it touched the running session: its control is the last good one and it goes on.
     state = api.state(a["id"])
     assert state["control"]["throttle"] == 0.3 and state["control"]["steer"] == 0.0
     api.wait_frames_out(a["id"], state["stats"]["frames_out"] + 2)
+
+
+def test_bodies_too_large_not_json_or_long_are_refused_with_short_answers(api):
+    a = api.create(autopilot=False)
+    assert len(a["id"]) == 16 and int(a["id"], 16) >= 0  # 64 random bits
+    base, control = api.base, f"/sessions/{a['id']}/control"
+    auth = {"Authorization": f"Bearer {a['token']}"}
+
+    # Over serve.max_body_bytes: 413 naming the limit. By its Content-Length, answered before
+    # a byte of the body is sent ...
+    status, answer = raw_answer(base, ["POST /sessions HTTP/1.1", "Content-Type: application/json",
+                                       f"Content-Length: {10 * 2**20}", "Connection: close"])
+    assert status == 413 and answer["detail"][0]["loc"] == ["body"], answer
+    assert answer["detail"][0]["type"] == "body_too_large" and str(MAX_BODY) in answer["detail"][0]["msg"]
+    # ... and sent chunked, with no length, once the bytes received pass the limit.
+    padding = json.dumps({"steer": 0.1, "pad": "x" * (2 * MAX_BODY)}).encode()
+    chunks = [padding[i : i + 8192] for i in range(0, len(padding), 8192)]
+    status, answer = raw_answer(
+        base, [f"POST {control} HTTP/1.1", "Content-Type: application/json", "Transfer-Encoding: chunked",
+               f"Authorization: Bearer {a['token']}", "Connection: close"],
+        b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n",
+    )
+    assert status == 413 and answer["detail"][0]["type"] == "body_too_large", answer
+    # A 10 MB body, as a client sends one.
+    r = requests.post(f"{base}/sessions", data=b"{" + b" " * (10 * 2**20) + b"}",
+                      headers={"Content-Type": "application/json"}, timeout=WAIT_S)
+    assert str(MAX_BODY) in refusal(r, 413)
+
+    # A long input (under the limit) is repeated back by its start only.
+    for r in (
+        requests.post(f"{base}{control}", json={"throttle": "x" * 60000}, headers=auth, timeout=30),
+        requests.post(f"{base}/sessions", json={"y" * 60000: True}, timeout=30),
+    ):
+        message = refusal(r, 422)
+        assert len(r.content) < 2000 and "chars)" in message, message
+
+    # A body that is not JSON (a browser sends text/plain from any page without asking):
+    # 415 naming application/json. No body at all still starts a session.
+    for path in ("/sessions", control):
+        r = requests.post(f"{base}{path}", data='{"autopilot": true}', headers={**auth, "Content-Type": "text/plain"},
+                          timeout=30)
+        assert "application/json" in refusal(r, 415)
+        r = requests.post(f"{base}{path}", data='{"autopilot": true}', headers=auth, timeout=30)  # no Content-Type
+        assert "application/json" in refusal(r, 415)
+    r = requests.post(f"{base}{control}", data='{"steer": -0.2}', timeout=30,
+                      headers={**auth, "Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200 and r.json()["steer"] == -0.2, r.text
+    r = requests.post(f"{base}/sessions", timeout=30)
+    assert r.status_code == 201, r.text
+    api.tokens[r.json()["id"]] = r.json()["token"]
+
+    # The layout's kind: an unknown session first, whatever the kind; then the kinds allowed.
+    assert "nosuch" in refusal(requests.get(f"{base}/sessions/nosuch/layout.png?kind=bad", timeout=30), 404)
+    r = requests.get(f"{base}/sessions/{a['id']}/layout.png?kind=bad", timeout=30)
+    assert "map, boxes, both" in refusal(r, 422) and r.json()["detail"][0]["loc"] == ["query", "kind"]
+    # Starlette's own refusals have the same shape.
+    refusal(requests.get(f"{base}/nowhere", timeout=30), 404)
+    refusal(requests.put(f"{base}/sessions", timeout=30), 405)
+
+
+# Every (path, method) of the API and the statuses it answers with.
+ANSWERS = {
+    ("/", "get"): {200, 413},
+    ("/sessions", "get"): {200, 413},
+    ("/sessions", "post"): {201, 400, 413, 415, 422, 503},
+    ("/sessions/{session_id}", "get"): {200, 404, 413, 422},
+    ("/sessions/{session_id}", "delete"): {200, 401, 403, 404, 413, 422},
+    ("/sessions/{session_id}/control", "post"): {200, 400, 401, 403, 404, 413, 415, 422, 503},
+    ("/sessions/{session_id}/video.mjpg", "get"): {200, 404, 413, 422},
+    ("/sessions/{session_id}/layout.png", "get"): {200, 204, 404, 413, 422},
+    ("/pipelines", "get"): {200, 413},
+}
+
+
+def test_openapi_declares_every_answer_of_every_route(api):
+    spec = requests.get(f"{api.base}/openapi.json", timeout=30).json()
+    routes = {(path, method): op for path, ops in spec["paths"].items() for method, op in ops.items()}
+    assert set(routes) == set(ANSWERS)
+    for route, op in routes.items():
+        assert {int(code) for code in op["responses"]} == ANSWERS[route], route
+        for code, answer in op["responses"].items():
+            if int(code) >= 400:
+                schema = answer["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorAnswer"}, (route, code)
+    item = spec["components"]["schemas"]["ErrorItem"]
+    assert set(item["properties"]) == {"loc", "msg", "type"} and set(item["required"]) == {"loc", "msg", "type"}
+    detail = spec["components"]["schemas"]["ErrorAnswer"]["properties"]["detail"]
+    assert detail["type"] == "array" and detail["items"] == {"$ref": "#/components/schemas/ErrorItem"}
+
+
+def test_session_ids_are_new_random_64_bits():
+    drawn = iter(["00000000000000aa", "00000000000000aa", "00000000000000bb"])
+    assert new_session_id({"00000000000000aa"}, lambda: next(drawn)) == "00000000000000bb"
+    ids = {new_session_id(()) for _ in range(100)}
+    assert len(ids) == 100 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+
+
+def test_fps_of_a_slow_session_is_measured_from_its_last_frames():
+    # 0.2 frames/s: never two frames in serve.fps_window (5 s) between frames, still 0.2 fps.
+    now = [0.0]
+    session = DrivingSession("ego", None, 0, fps_window=5.0, clock=lambda: now[0])
+
+    def frame_out(at: float) -> None:
+        now[0] = at
+        session.pushed(SimpleNamespace(sim_time=at), SimpleNamespace(sim_time=at), 0)
+        assert len(session.delivered([SimpleNamespace(index=session.frames_out, images=None)])) == 1
+
+    frame_out(0.0)
+    now[0] = 3.0
+    assert session.fps() == 0.0  # one frame: no rate yet
+    for at in (5.0, 10.0, 15.0):
+        frame_out(at)
+        for later in (0.0, 0.1, 2.5, 4.9):
+            now[0] = at + later
+            assert session.fps() == pytest.approx(0.2), now[0]
+    # Slower still: 0.1 frames/s.
+    frame_out(25.0)
+    now[0] = 29.0
+    assert session.fps() == pytest.approx(0.1)
+    # Stopped: falls with the time since the last frame.
+    now[0] = 65.0
+    assert session.fps() == pytest.approx(1 / 40)
+    # Fast again: over the window, as before.
+    for k in range(1, 21):
+        frame_out(65.0 + 0.25 * k)
+    assert session.fps() == pytest.approx(4.0)
 
 
 def test_the_api_keeps_its_names_and_serves_the_page_and_docs(api):
@@ -426,6 +583,8 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         ({"pipeline.bands": "5"}, "bands"),
         ({"serve.clock": "sundial"}, "serve.clock"),
         ({"serve.max_sessions": "0"}, "serve.max_sessions"),
+        ({"serve.max_body_bytes": "0"}, "serve.max_body_bytes"),
+        ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
     ],
 )
 def test_builder_refuses_a_bad_override_naming_it(override, named):
@@ -443,7 +602,7 @@ def test_serve_run_with_a_bad_override_stops_naming_the_key():
     result = subprocess.run(
         [str(serve_cli), "run", "deployments:app", "world.mapp=merge"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode != 0
     assert "world.mapp: no such config key" in result.stderr + result.stdout

@@ -13,7 +13,7 @@ import torch
 from dwm.conditions.packed import PackedConditions
 from dwm.config import compose
 from dwm.pipelines.fifo import Phase, QueueFront, QueueSchedule
-from dwm.pipelines.stages import BandStage, enter_conditions
+from dwm.pipelines.stages import BandStage, SessionFront
 from dwm.pipelines.streaming import StreamingPipeline, frame_shape
 from tests.driving import packed_drive
 
@@ -26,37 +26,38 @@ def scene(cfg, egos: int = 1):
 
 
 class StagedQueue:
-    """B stages and the fronts of their sessions, run round by round in this process."""
+    """B stages and the fronts of their sessions, run round by round in this process: every
+    stage steps, then each takes its predecessor's hand-over (as a pipeline's graph does)."""
 
     def __init__(self, cfg, model, batch_sessions: bool = True):
         p = cfg.pipeline
-        self.cfg, self.bands = cfg, p.bands
+        self.cfg, self.bands, self.model = cfg, p.bands, model
         self.schedule = QueueSchedule(p.steps, p.window, p.bands, p.shift, p.train_steps)
         self.stages = [
-            BandStage(model, b, self.schedule, guidance=p.guidance, resolution=p.resolution,
-                      batch_sessions=batch_sessions)
+            BandStage(model.denoiser, model.decoder if b == p.bands - 1 else None, b, self.schedule,
+                      guidance=p.guidance, resolution=p.resolution, batch_sessions=batch_sessions)
             for b in range(p.bands)
         ]
-        self.fronts: dict[str, QueueFront] = {}
-        self.pending: list[dict] = [{} for _ in range(p.bands)]  # frames handed on, per stage
-        self.latent_channels = model.denoiser.latent_channels
+        self.fronts: dict[str, SessionFront] = {}
 
     def open(self, session_id: str, seed: int) -> None:
         p = self.cfg.pipeline
-        shape = frame_shape(3, self.latent_channels, p.resolution)
-        self.fronts[session_id] = QueueFront(self.schedule, shape, seed, p.text_interval)
+        shape = frame_shape(3, self.model.denoiser.latent_channels, p.resolution)
+        front = SessionFront(QueueFront(self.schedule, shape, seed, p.text_interval), self.model.text_encoder, 3)
+        self.fronts[session_id] = front
         for stage in self.stages:
-            stage.open(session_id)
+            stage.open(session_id, front.empty_text)
 
     def round(self, frames: dict[str, PackedConditions]) -> dict[str, torch.Tensor]:
-        entering = [dict(self.pending[b]) for b in range(self.bands)]
+        entering = [{} for _ in range(self.bands)]
         phases = {}
         for session_id, conditions in frames.items():
-            entry = enter_conditions(self.fronts[session_id], conditions)
+            entry = self.fronts[session_id].enter(conditions)
             entering[entry.band][session_id] = entry.frame
             phases[session_id] = entry.phase
-        out = [stage.round(entering[b], phases) for b, stage in enumerate(self.stages)]
-        self.pending = [{}] + out[:-1]
+        out = [stage.step(entering[b], phases) for b, stage in enumerate(self.stages)]
+        for stage, handed in zip(self.stages[1:], out[:-1]):
+            stage.take(handed)
         return out[-1]
 
 
@@ -107,6 +108,17 @@ def test_sessions_batched_on_stages_get_their_own_frames():
 def test_a_stage_refuses_a_session_it_does_not_hold():
     cfg = compose({"pipeline.steps": "6", "pipeline.window": "3"})
     model = StreamingPipeline.build_model(cfg)
-    stage = BandStage(model, 0, QueueSchedule(6, 3, 1))
+    stage = BandStage(model.denoiser, model.decoder, 0, QueueSchedule(6, 3, 1))
     with pytest.raises(KeyError, match="holds no queue for sessions \\['ghost'\\]"):
-        stage.round({}, {"ghost": Phase.RUN})
+        stage.step({}, {"ghost": Phase.RUN})
+    with pytest.raises(KeyError, match="holds no queue for sessions \\['ghost'\\]"):
+        stage.take({"ghost": None})
+
+
+def test_only_the_last_stage_holds_a_decoder():
+    cfg = compose({"pipeline.steps": "12", "pipeline.window": "3", "pipeline.bands": "2"})
+    model = StreamingPipeline.build_model(cfg)
+    schedule = QueueSchedule(12, 3, 2)
+    assert BandStage(model.denoiser, model.decoder, 0, schedule).decoder is None
+    with pytest.raises(ValueError, match="stage 1 is the last of 2: it decodes"):
+        BandStage(model.denoiser, None, 1, schedule)

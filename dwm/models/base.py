@@ -25,6 +25,10 @@ class TextEmbedding:
     tokens: torch.Tensor
     pooled: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.tokens, self.pooled))
+
 
 class TextEncoder(ABC):
     """Encodes captions; implementations cache by prompt text."""

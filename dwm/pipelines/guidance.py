@@ -30,7 +30,7 @@ class FrameContexts(NamedTuple):
 
     cond: the conditional context; uncond: the unconditional one, None when guidance is off
     (scale 1); conditions: the frame's `ConditionFrame` in a queue in one piece, its
-    `PackedConditions` on a stage.
+    `FrameInputs` (compact conditions and caption embedding) on a stage.
     """
 
     cond: FrameContext

@@ -1,110 +1,178 @@
 """The banded queue split across devices: one band of every session's queue per stage.
 
 A session's queue of B bands can be cut into B stages, each holding band b of every session
-on its own device (a GPU of a denoiser pipeline). Per round (one frame per session), every
-stage advances its bands at the same time, then hands each session's cleanest frame to the
-next stage, which takes it in at the next round; the last stage's cleanest frame leaves,
-decoded. Only that one `LatentFrame` per band crosses between stages, its payload the frame's
-conditions in their compact form (`PackedConditions`), their captions those its text
-embedding is made from; each stage rebuilds the frame's contexts from them once, when the
-frame enters its band, and keeps them for all of that frame's steps there.
+on its own device (a GPU of a denoiser pipeline). A round (one frame per session) is, on
+every stage at once: `step` (take in the frames entering from the session's front, advance
+the bands, hand each session's cleanest frame out), then `take` (the frames stage b-1 handed
+out in this round join band b, for the next round). So a stage waits only for its neighbour's
+hand-over, never for a round-wide barrier; the last stage's cleanest frame leaves, decoded.
 
-The rest of a session's queue is its `QueueFront` (`dwm.pipelines.fifo`), kept by whoever
-feeds the stages: `enter_conditions` gives a frame and the band it enters. A stage is a
-`BandStage`. With one session per stage and `batch_bands=false` in one process, they give
-the same frames bit for bit as `StreamingPipeline` (the model calls are the same calls).
+Lean stages: a stage holds the denoiser and its bands, and the decoder only where frames
+leave (the last stage). Text is encoded once, at the session's front (`SessionFront`, with
+the encoder's prompt cache), and each frame carries its caption embedding with its compact
+conditions (`FrameInputs`); a stage builds the frame's contexts from them once, as the frame
+enters its band, and keeps them for all of that frame's steps there. The unconditional
+contexts need only the empty caption's embedding, which a session brings when it opens.
+
+With one session per stage and `batch_bands=false` in one process, they give the same
+frames bit for bit as `StreamingPipeline` (the model calls are the same calls).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
 from dwm.conditions.packed import PackedConditions
+from dwm.models.base import Denoiser, LatentDecoder, TextEmbedding, TextEncoder
 from dwm.pipelines.fifo import Band, Entry, LatentFrame, Phase, QueueFront, QueueSchedule
 from dwm.pipelines.guidance import FrameContexts, GuidedStep, UnconditionalContexts
-from dwm.pipelines.streaming import ModelParts, decode_views, frame_contexts, run_shifts
+from dwm.pipelines.streaming import decode_views, frame_contexts, run_shifts
 
 
-def enter_conditions(front: QueueFront, conditions: PackedConditions) -> Entry:
-    """A session's new conditions at its queue's front: the frame for stage `entry.band`,
-    carrying the conditions with the captions of the latest text refresh."""
-    front.refresh_text(conditions.captions)
-    return front.enter(replace(conditions, captions=list(front.text)))
+class FrameInputs(NamedTuple):
+    """What a frame's contexts are made from, as it travels between stages: its compact
+    conditions (captions those of the latest text refresh) and their embedding (V prompts)."""
+
+    conditions: PackedConditions
+    text: TextEmbedding
+
+
+class SessionFront:
+    """A session's side of a staged queue: its `QueueFront` and the text encoder.
+
+    `enter` gives each new frame its noise, its band and its push's phase, with the
+    embedding of the captions of the latest refresh (every `text_interval` frames, encoded
+    here once; the encoder caches by caption)."""
+
+    def __init__(self, front: QueueFront, text_encoder: TextEncoder, views: int):
+        self.front, self.text_encoder = front, text_encoder
+        self.text: TextEmbedding | None = None
+        self.empty_text = text_encoder.encode([""] * views)  # the unconditional captions
+
+    def enter(self, conditions: PackedConditions) -> Entry:
+        front = self.front
+        if front.refresh_text(conditions.captions):
+            self.text = self.text_encoder.encode(list(front.text))
+        return front.enter(FrameInputs(replace(conditions, captions=list(front.text)), self.text))
+
+
+class KnownPrompts(TextEncoder):
+    """A stage's text "encoder": the embeddings of the prompts it was given, by prompt.
+
+    Stages encode nothing; the unconditional contexts look the empty caption up here."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def learn(self, prompts: list[str], text: TextEmbedding) -> None:
+        for i, prompt in enumerate(prompts):
+            self._rows.setdefault(prompt, (text.tokens[i], text.pooled[i]))
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        unknown = sorted(set(prompts) - set(self._rows))
+        if unknown:
+            raise KeyError(f"no embedding was given to this stage for prompts {unknown}")
+        return TextEmbedding(
+            tokens=torch.stack([self._rows[p][0] for p in prompts]),
+            pooled=torch.stack([self._rows[p][1] for p in prompts]),
+        )
 
 
 def handed_bytes(frame: LatentFrame) -> int:
-    """Bytes of tensor and array data a frame handed between stages carries (its latent and
-    its `PackedConditions`)."""
-    return frame.latent.numel() * frame.latent.element_size() + frame.payload.nbytes
+    """Bytes of tensor and array data a frame handed between stages carries: its latent, its
+    caption embedding and its `PackedConditions`."""
+    inputs: FrameInputs = frame.payload
+    return frame.latent.numel() * frame.latent.element_size() + inputs.text.nbytes + inputs.conditions.nbytes
 
 
 class _SessionBand:
     """One session's band on a stage, in the form `run_shifts` takes."""
 
-    def __init__(self, model: ModelParts, window: int, guidance: float, device: torch.device):
-        self.denoiser = model.denoiser
-        self.step = GuidedStep(model.denoiser, guidance)
+    def __init__(self, denoiser: Denoiser, window: int, guidance: float, device: torch.device):
+        self.denoiser = denoiser
+        self.step = GuidedStep(denoiser, guidance)
         self.batch_bands = True  # a stage's shift holds one band
         self.band = Band(window, device)
 
 
 class BandStage:
-    """Band `band` of B of every session's queue, with the model, on one device.
+    """Band `band` of B of every session's queue, with the denoiser, on one device.
 
-    schedule: the queues'; guidance, resolution: as `StreamingPipeline`'s; device, dtype: of
-    the model here (the bands' latents are float32, see `dwm.pipelines.fifo`).
-    batch_sessions: every session's window of a step in one model call (true), or one call
-    each (false: bit for bit the calls of one session alone).
+    decoder: where frames leave (the last stage), None elsewhere. schedule: the queues';
+    guidance, resolution: as `StreamingPipeline`'s; device, dtype: of the model here (the
+    bands' latents are float32, see `dwm.pipelines.fifo`). batch_sessions: every session's
+    window of a step in one model call (true), or one call each (false: bit for bit the
+    calls of one session alone). keep_on_device: frames handed out keep their tensors on this
+    device (for a device-to-device transport); otherwise they are copied to the CPU.
     """
 
-    def __init__(self, model: ModelParts, band: int, schedule: QueueSchedule, *, guidance: float = 4.0,
-                 resolution=(176, 304), device="cpu", dtype: torch.dtype = torch.float32,
-                 batch_sessions: bool = True):
+    def __init__(self, denoiser: Denoiser, decoder: LatentDecoder | None, band: int, schedule: QueueSchedule, *,
+                 guidance: float = 4.0, resolution=(176, 304), device="cpu", dtype: torch.dtype = torch.float32,
+                 batch_sessions: bool = True, keep_on_device: bool = False):
         if not 0 <= band < schedule.bands:
             raise ValueError(f"band {band} of {schedule.bands}: must be in [0, {schedule.bands})")
-        self.model, self.band, self.schedule, self.guidance = model, band, schedule, guidance
+        self.denoiser, self.band, self.schedule, self.guidance = denoiser, band, schedule, guidance
+        if self.last and decoder is None:
+            raise ValueError(f"stage {band} is the last of {schedule.bands}: it decodes, so it needs the decoder")
+        self.decoder = decoder if self.last else None
         self.resolution = tuple(int(n) for n in resolution)
         self.device, self.dtype, self.batch_sessions = torch.device(device), dtype, batch_sessions
-        self.unconditional = UnconditionalContexts(model.denoiser, model.text_encoder) if guidance != 1.0 else None
+        self.keep_on_device = keep_on_device
+        self.prompts = KnownPrompts()
+        self.unconditional = UnconditionalContexts(denoiser, self.prompts) if guidance != 1.0 else None
         self.sessions: dict[str, _SessionBand] = {}
 
     @property
     def last(self) -> bool:
         return self.band == self.schedule.bands - 1
 
-    def open(self, session_id: str) -> None:
-        self.sessions[session_id] = _SessionBand(self.model, self.schedule.window, self.guidance, self.device)
+    def open(self, session_id: str, empty_text: TextEmbedding) -> None:
+        """A new session's band; empty_text: the embedding of its V empty captions."""
+        self.prompts.learn([""] * empty_text.tokens.shape[0], empty_text)
+        self.sessions[session_id] = _SessionBand(self.denoiser, self.schedule.window, self.guidance, self.device)
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
+    def _check(self, session_ids) -> None:
+        unknown = sorted(set(session_ids) - set(self.sessions))
+        if unknown:
+            raise KeyError(f"stage {self.band} holds no queue for sessions {unknown}; open them first")
+
     @torch.inference_mode()
-    def _with_contexts(self, frame: LatentFrame) -> LatentFrame:
-        """The frame with its contexts on this device, built once as it enters the band."""
-        conditions: PackedConditions = frame.payload
-        text = self.model.text_encoder.encode(list(conditions.captions))
+    def _receive(self, session_id: str, frame: LatentFrame) -> None:
+        """The frame joins the session's band, with its contexts on this device, built once."""
+        inputs: FrameInputs = frame.payload
+        text = TextEmbedding(inputs.text.tokens.to(self.device), inputs.text.pooled.to(self.device))
         cond, uncond = frame_contexts(
-            self.model.denoiser, self.unconditional, conditions.unpack(), text,
+            self.denoiser, self.unconditional, inputs.conditions.unpack(), text,
             self.resolution, self.device, self.dtype,
         )
-        return LatentFrame(frame.latent, frame.index, FrameContexts(cond, uncond, conditions))
+        contexts = FrameContexts(cond, uncond, FrameInputs(inputs.conditions, text))
+        self.sessions[session_id].band.receive(LatentFrame(frame.latent, frame.index, contexts))
+
+    def take(self, handed: dict[str, LatentFrame]) -> None:
+        """The frames the previous stage handed out this round join their sessions' bands."""
+        self._check(handed)
+        for session_id, frame in handed.items():
+            self._receive(session_id, frame)
 
     @torch.inference_mode()
-    def round(self, entering: dict[str, LatentFrame], phases: dict[str, Phase]) -> dict[str, LatentFrame | torch.Tensor]:
-        """One round: take in `entering` (session -> frame), advance every session whose phase
-        is WARM_UP (N steps, this band's delays) or RUN (s steps), and hand each of those on.
+    def step(self, entering: dict[str, LatentFrame], phases: dict[str, Phase]) -> dict[str, LatentFrame | torch.Tensor]:
+        """A round's work: take in `entering` (session -> frame from its front), advance every
+        session whose phase is WARM_UP (N steps, this band's delays) or RUN (s steps), and hand
+        each of those frames out.
 
-        Returns session -> the frame for the next stage (latent on the CPU), or, from the
+        Returns session -> the frame for the next stage (`FrameInputs` payload), or, from the
         last stage, the leaving frame's decoded views (V, 3, H, W) float32 in [0, 1] on the
         CPU. Unknown sessions are refused by name.
         """
-        unknown = sorted((set(entering) | set(phases)) - set(self.sessions))
-        if unknown:
-            raise KeyError(f"stage {self.band} holds no queue for sessions {unknown}; open them first")
+        self._check(set(entering) | set(phases))
         for session_id, frame in entering.items():
-            self.sessions[session_id].band.receive(self._with_contexts(frame))
+            self._receive(session_id, frame)
         shifts = []
         for session_id, phase in phases.items():
             owner = self.sessions[session_id]
@@ -121,8 +189,13 @@ class BandStage:
             shift.finish()
             frame = owner.band.hand_over()
             if self.last:
-                out[session_id] = decode_views(self.model.decoder, self.schedule.leaving(frame))
+                out[session_id] = decode_views(self.decoder, self.schedule.leaving(frame))
+                continue
+            inputs: FrameInputs = frame.payload.conditions
+            if self.keep_on_device:
+                # A copy: a view would keep (and carry) its whole band's storage.
+                out[session_id] = LatentFrame(frame.latent.clone(), frame.index, inputs)
             else:
-                # A copy: a view would carry its whole band's storage across processes.
-                out[session_id] = LatentFrame(frame.latent.to("cpu", copy=True), frame.index, frame.payload.conditions)
+                text = TextEmbedding(inputs.text.tokens.cpu(), inputs.text.pooled.cpu())
+                out[session_id] = LatentFrame(frame.latent.to("cpu", copy=True), frame.index, inputs._replace(text=text))
         return out

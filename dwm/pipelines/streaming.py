@@ -56,6 +56,16 @@ def frame_shape(views: int, latent_channels: int, resolution: Sequence[int]) -> 
     return (views, latent_channels, height // LATENT_SCALE, width // LATENT_SCALE)
 
 
+def build_text_encoder(cfg: DictConfig) -> TextEncoder:
+    """The text encoder of `cfg.model.text_encoder` (it places itself; it caches by caption)."""
+    return instantiate(cfg, "model.text_encoder")
+
+
+def build_decoder(cfg: DictConfig) -> LatentDecoder:
+    """The latent decoder of `cfg.model.vae`, on `cfg.device`."""
+    return instantiate(cfg, "model.vae").to(torch.device(cfg.device))
+
+
 def decode_views(decoder: LatentDecoder, frame: LatentFrame) -> torch.Tensor:
     """The views of a frame leaving the queue: latent (V, C, h, w) float32 at sigma 0 ->
     images (V, 3, H, W) float32 in [0, 1] on the CPU."""
@@ -145,9 +155,8 @@ class StreamingPipeline:
     def build_model(cfg: DictConfig) -> ModelParts:
         """The model components of `cfg.model` on `cfg.device`; several pipelines (driving
         sessions) can share them, each keeping its own queue."""
-        device, dtype = torch.device(cfg.device), model_dtype(cfg)
-        denoiser = build_denoiser(cfg, device, dtype)
-        return ModelParts(denoiser, instantiate(cfg, "model.text_encoder"), instantiate(cfg, "model.vae").to(device))
+        return ModelParts(build_denoiser(cfg, torch.device(cfg.device), model_dtype(cfg)),
+                          build_text_encoder(cfg), build_decoder(cfg))
 
     @classmethod
     def from_config(
