@@ -77,8 +77,11 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"serve.{key}={value}: must be a number >= 0")
     if isinstance(s.max_body_bytes, bool) or not (isinstance(s.max_body_bytes, int) and s.max_body_bytes >= 1):
         raise ConfigError(f"serve.max_body_bytes={s.max_body_bytes}: must be a whole number of bytes >= 1")
-    if not isinstance(s.stage.compiled_graph, bool):
-        raise ConfigError(f"serve.stage.compiled_graph={s.stage.compiled_graph}: must be true (Ray Compiled Graphs) or false (plain Ray calls)")
+    if not (isinstance(s.stage.compiled_graph, bool) or s.stage.compiled_graph == "auto"):
+        raise ConfigError(
+            f"serve.stage.compiled_graph={s.stage.compiled_graph}: allowed true (Ray Compiled Graphs), "
+            "false (plain Ray calls) or auto (true where the stages have GPUs)"
+        )
     if s.record_dir is not None and not isinstance(s.record_dir, str):
         raise ConfigError(f"serve.record_dir={s.record_dir}: must be a folder path or null")
     p = cfg.pipeline

@@ -11,7 +11,7 @@ encoder, one for all pipelines), feeds the stages the new frames and takes the d
 frames from the last stage.
 
 A round of a pipeline is one execution of its compiled graph (Ray Compiled Graphs,
-`serve.stage.compiled_graph`, on by default):
+`serve.stage.compiled_graph`; `auto`, the default, where the stages have GPUs):
 
     round input --> stage 0 step --> stage 1 take    (frames handed on, stage to stage)
                 \\-> stage 1 step --> stage 2 take
@@ -21,7 +21,10 @@ Every stage steps at once; each hands its frames to the next itself (shared memo
 processes on one node; NCCL between GPU stages, `with_tensor_transport`), and only the
 round's input and the decoded frames pass through this process. With `compiled_graph=false`
 the same stage methods are called round by round with plain Ray calls, every hand-over
-through this process: the path to compare against (bench/bench_pool.py).
+through this process: the path to compare against (bench/bench_pool.py), and the default
+for stages without GPUs, because a stage waiting on a graph's channel spins its CPU core
+(0.96 of a core per waiting stage, measured on a quiet 2-core machine), taking it from the
+stages with model work.
 
 A session joins the pipeline with the fewest sessions. When a stage dies, its pipeline is
 given up: its sessions are rebuilt on the healthy pipelines (a new queue that warms up
@@ -263,6 +266,9 @@ class DenoiserPool:
             gpus = 1 if str(cfg.device).startswith("cuda") else 0
         if gpus:
             bundle["GPU"] = float(gpus)
+        # A stage waiting on a compiled graph's channel spins its CPU core: where the stages
+        # have no GPUs of their own, that core is one the model needs.
+        use_graph = bool(gpus) if s.stage.compiled_graph == "auto" else bool(s.stage.compiled_graph)
         self.pipelines: list[Pipeline] = []
         self.name = f"dwm-stage-{secrets.token_hex(3)}"  # stage actors: {name}-p{pipeline}-b{band}
         for i in range(int(s.pipelines)):
@@ -282,7 +288,7 @@ class DenoiserPool:
             ]
             ray.get([stage.where.remote() for stage in stages])  # built, or the error now
             graph = compile_pipeline(stages, on_gpus=bool(gpus) and str(cfg.device).startswith("cuda")) \
-                if s.stage.compiled_graph else None
+                if use_graph else None
             self.pipelines.append(Pipeline(i, stages, group, graph))
         self.text_encoder = build_text_encoder(cfg)  # one for every session: the prompt cache is shared
         self.fronts: dict[str, SessionFront] = {}
