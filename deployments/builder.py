@@ -44,7 +44,13 @@ def app(args: dict[str, str] | None = None) -> Application:
     )
     return Ingress.options(
         num_replicas=int(s.ingress.replicas), ray_actor_options={"num_cpus": s.ingress.num_cpus}, **stop
-    ).bind(sessions, s.max_body_bytes)
+    ).bind(sessions, s.max_body_bytes, allowed_hosts(cfg))
+
+
+def allowed_hosts(cfg: DictConfig) -> list[str]:
+    """The Host header names the HTTP API answers: serve.allowed_hosts and serve.http_host."""
+    hosts = [str(h) for h in cfg.serve.allowed_hosts]
+    return hosts if "*" in hosts else list(dict.fromkeys([*hosts, str(cfg.serve.http_host)]))
 
 
 def check(cfg: DictConfig) -> None:
@@ -75,6 +81,8 @@ def check(cfg: DictConfig) -> None:
             continue  # one per stage with device=cuda
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"serve.{key}={value}: must be a number >= 0")
+    if not (OmegaConf.is_list(s.allowed_hosts) and len(s.allowed_hosts) and all(isinstance(h, str) and h for h in s.allowed_hosts)):
+        raise ConfigError(f"serve.allowed_hosts={s.allowed_hosts}: must be a list of host names (e.g. [localhost, 127.0.0.1]), or [\"*\"] for any")
     if isinstance(s.max_body_bytes, bool) or not (isinstance(s.max_body_bytes, int) and s.max_body_bytes >= 1):
         raise ConfigError(f"serve.max_body_bytes={s.max_body_bytes}: must be a whole number of bytes >= 1")
     if not (isinstance(s.stage.compiled_graph, bool) or s.stage.compiled_graph == "auto"):

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.errors import SessionError
@@ -170,6 +171,20 @@ def _answer(exc: StarletteHTTPException) -> JSONResponse:
 api.add_middleware(BodyLimit)
 
 
+class AllowedHosts(TrustedHostMiddleware):
+    """Starlette's Host header check: a request naming another host is refused with 400, so a
+    web page on another site whose name is made to resolve to this machine (DNS rebinding)
+    cannot drive it. Host names from config serve.allowed_hosts and serve.http_host."""
+
+    hosts: list[str] = ["*"]  # set by Ingress.__init__: one Ingress per replica process
+
+    def __init__(self, app: ASGIApp):
+        super().__init__(app, allowed_hosts=self.hosts)
+
+
+api.add_middleware(AllowedHosts)
+
+
 async def _json_body(request: Request) -> None:
     """415 for a body not sent as JSON (FastAPI would take it as bytes and answer 422). A web
     page of any site can POST a text/plain body without the browser asking first (no CORS
@@ -201,10 +216,12 @@ def _bearer(authorization: str | None) -> str | None:
 @serve.deployment(name="Ingress", max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, sessions: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, sessions: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 allowed_hosts: list[str] | None = None):
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"serve.max_body_bytes={max_body_bytes!r}: must be a whole number >= 1")
         BodyLimit.max_bytes = max_body_bytes
+        AllowedHosts.hosts = list(allowed_hosts) if allowed_hosts else ["*"]
         self.sessions = sessions
         self.page_html = PAGE.read_text()
 

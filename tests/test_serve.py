@@ -363,6 +363,12 @@ def test_bodies_too_large_not_json_or_long_are_refused_with_short_answers(api):
                       headers={"Content-Type": "application/json"}, timeout=WAIT_S)
     assert str(MAX_BODY) in refusal(r, 413)
 
+    # A request for another host name (DNS rebinding: a page of another site resolved to
+    # this machine) is refused, whatever it asks; this host's names are answered.
+    r = requests.post(f"{base}/sessions", json={}, headers={"Host": "attacker.example"}, timeout=30)
+    assert r.status_code == 400 and "host" in r.text.lower(), r.text
+    assert requests.get(f"{base}/sessions", headers={"Host": "localhost"}, timeout=30).status_code == 200
+
     # A long input (under the limit) is repeated back by its start only.
     for r in (
         requests.post(f"{base}{control}", json={"throttle": "x" * 60000}, headers=auth, timeout=30),
@@ -584,6 +590,7 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         ({"serve.clock": "sundial"}, "serve.clock"),
         ({"serve.max_sessions": "0"}, "serve.max_sessions"),
         ({"serve.max_body_bytes": "0"}, "serve.max_body_bytes"),
+        ({"serve.allowed_hosts": "[]"}, "serve.allowed_hosts"),
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
     ],
 )
