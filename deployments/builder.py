@@ -93,6 +93,13 @@ def check(cfg: DictConfig) -> None:
     if s.record_dir is not None and not isinstance(s.record_dir, str):
         raise ConfigError(f"serve.record_dir={s.record_dir}: must be a folder path or null")
     p = cfg.pipeline
+    if not isinstance(p.cfg_parallel, bool):
+        raise ConfigError(f"pipeline.cfg_parallel={p.cfg_parallel}: must be true (two GPUs share every call) or false")
+    if p.cfg_parallel and (p.bands != 1 or s.pipelines != 1):
+        raise ConfigError(
+            f"pipeline.cfg_parallel=true runs with pipeline.bands=1 and serve.pipelines=1 "
+            f"(got bands={p.bands}, pipelines={s.pipelines}): use one way to spread over GPUs"
+        )
     try:
         BandedFifoQueue(p.steps, p.window, p.bands, (1, 1, 1, 1))
     except ValueError as err:

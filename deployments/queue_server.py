@@ -8,10 +8,16 @@ windows (`dwm.pipelines.streaming.push_many`).
 
 More bands or pipelines: the replica coordinates a pool of stage actors, one band per GPU
 (`deployments.stages.DenoiserPool`), and holds no model itself.
+
+`pipeline.cfg_parallel=true` (one band, one pipeline): a `CfgPartner` actor on a second GPU
+runs every session's queue beside the replica's, each computing half the rows of every
+model call and exchanging the outputs (`dwm.pipelines.cfg_parallel`); the replica hands out
+the frames.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -22,6 +28,7 @@ from ray import serve
 
 from deployments.stages import DenoiserPool
 from dwm.conditions.packed import PackedConditions
+from dwm.pipelines.cfg_parallel import RowParallelDenoiser, join_group
 from dwm.pipelines.streaming import StreamingPipeline, push_many
 
 
@@ -47,6 +54,58 @@ def uses_stage_actors(cfg: DictConfig) -> bool:
     return int(cfg.pipeline.bands) > 1 or int(cfg.serve.pipelines) > 1
 
 
+class SessionQueues:
+    """Every session's `StreamingPipeline` around one model, in this process. rank, world:
+    this process's place in a CFG-parallel group that has been joined (world 1: alone)."""
+
+    def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1):
+        self.cfg = cfg
+        model = StreamingPipeline.build_model(cfg)
+        if world > 1:
+            model = model._replace(denoiser=RowParallelDenoiser(model.denoiser, rank, world))
+        self.model = model
+        self.pipelines: dict[str, StreamingPipeline] = {}
+
+    def open(self, session_id: str, views: int, seed: int | None = None) -> int:
+        pipeline = StreamingPipeline.from_config(self.cfg, views, model=self.model, seed=seed)
+        self.pipelines[session_id] = pipeline
+        return pipeline.depth
+
+    def close(self, session_id: str) -> None:
+        self.pipelines.pop(session_id, None)
+
+    def push_many(self, frames: dict[str, PackedConditions]) -> dict[str, list[GeneratedImages]]:
+        ids = [session_id for session_id in frames if session_id in self.pipelines]
+        pushed = push_many([(self.pipelines[i], frames[i].unpack()) for i in ids])
+        return {i: [GeneratedImages(f.index, f.images) for f in out] for i, out in zip(ids, pushed)}
+
+
+@ray.remote
+class CfgPartner:
+    """Rank 1 of a CFG-parallel pair: the same sessions' queues as the QueueServer's, each
+    model call's second half of rows. Joins the group at tcp://address:port."""
+
+    def __init__(self, cfg: dict, address: str, port: int):
+        cfg = OmegaConf.create(cfg)
+        if str(cfg.device).startswith("cuda"):
+            cfg.device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        threads = cfg.serve.denoiser.torch_threads
+        if threads:
+            torch.set_num_threads(int(threads))
+        join_group(address, port, 1, 2, torch.device(cfg.device))
+        self.queues = SessionQueues(cfg, rank=1, world=2)
+
+    def open(self, session_id: str, views: int, seed: int | None = None) -> int:
+        return self.queues.open(session_id, views, seed)
+
+    def close(self, session_id: str) -> None:
+        self.queues.close(session_id)
+
+    def push_many(self, frames: dict[str, PackedConditions]) -> int:
+        """The same round as the QueueServer's; its frames stay here (the replica's are the same)."""
+        return sum(len(out) for out in self.queues.push_many(frames).values())
+
+
 @serve.deployment(name="QueueServer", num_replicas=1)
 class QueueServer:
     def __init__(self, cfg: dict):
@@ -55,31 +114,43 @@ class QueueServer:
         if threads:
             torch.set_num_threads(int(threads))
         self.pool = DenoiserPool(self.cfg) if uses_stage_actors(self.cfg) else None
-        self.model = None if self.pool else StreamingPipeline.build_model(self.cfg)
-        self.pipelines: dict[str, StreamingPipeline] = {}
+        self.partner = None
+        if self.pool:
+            self.queues = None
+        elif self.cfg.pipeline.cfg_parallel:
+            address = ray.util.get_node_ip_address()
+            port = _free_port(address)
+            s = self.cfg.serve.denoiser
+            self.partner = CfgPartner.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus).remote(cfg, address, port)
+            join_group(address, port, 0, 2, torch.device(self.cfg.device))
+            self.queues = SessionQueues(self.cfg, rank=0, world=2)
+        else:
+            self.queues = SessionQueues(self.cfg)
         # Serve runs sync methods on a thread pool; the model and the queues are used by one
         # call at a time.
         self._lock = threading.Lock()
 
     def open(self, session_id: str, views: int, seed: int | None = None) -> int:
         """A new, empty queue for a session; returns its depth (frames from conditions in to picture out - 1)."""
-        if self.pool:
-            with self._lock:
-                return self.pool.open(session_id, views, seed)
-        pipeline = StreamingPipeline.from_config(self.cfg, views, model=self.model, seed=seed)
         with self._lock:
-            self.pipelines[session_id] = pipeline
-        return pipeline.depth
+            if self.pool:
+                return self.pool.open(session_id, views, seed)
+            if self.partner:
+                ray.get(self.partner.open.remote(session_id, views, seed))
+            return self.queues.open(session_id, views, seed)
 
     def close(self, session_id: str) -> None:
         """Drop a session's queue state."""
         with self._lock:
             if self.pool:
                 self.pool.close(session_id)
-            self.pipelines.pop(session_id, None)
+                return
+            if self.partner:
+                ray.get(self.partner.close.remote(session_id))
+            self.queues.close(session_id)
 
     def sessions(self) -> list[str]:
-        return list(self.pool.fronts) if self.pool else list(self.pipelines)
+        return list(self.pool.fronts) if self.pool else list(self.queues.pipelines)
 
     def push_many(self, frames: dict[str, PackedConditions]) -> DenoisedRound:
         """Push each session's new conditions; returns the pictures that leave the queues
@@ -90,9 +161,11 @@ class QueueServer:
                 return DenoisedRound(
                     {sid: [GeneratedImages(i, im) for i, im in out] for sid, out in images.items()}, restarted
                 )
-            ids = [session_id for session_id in frames if session_id in self.pipelines]
-            pushed = push_many([(self.pipelines[i], frames[i].unpack()) for i in ids])
-        return DenoisedRound({i: [GeneratedImages(f.index, f.images) for f in out] for i, out in zip(ids, pushed)})
+            partner = self.partner.push_many.remote(frames) if self.partner else None
+            images = self.queues.push_many(frames)  # with the partner's half of every call
+            if partner is not None:
+                ray.get(partner)
+        return DenoisedRound(images)
 
     def placement(self) -> dict:
         """Where the model runs: per pipeline its sessions and each stage's band, GPU ids and
@@ -102,5 +175,11 @@ class QueueServer:
                 return {"pipelines": self.pool.placement(), "handover": self.pool.handover.stats()}
             here = {"band": 0, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                     "node_id": ray.get_runtime_context().get_node_id()}
-            return {"pipelines": [{"index": 0, "healthy": True, "sessions": sorted(self.pipelines), "stages": [here]}],
-                    "handover": None}
+            return {"pipelines": [{"index": 0, "healthy": True, "sessions": sorted(self.queues.pipelines),
+                                   "stages": [here]}], "handover": None}
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
