@@ -22,13 +22,24 @@ from dwm.models.checkpoint import check_weights
 from dwm.pipelines.fifo import BandedFifoQueue
 
 CLOCKS = ("lockstep", "realtime")
+# Where `python -m deployments` listens: that command's, never the app's (see `app`).
+HTTP_KEYS = ("serve.http_host", "serve.http_port")
 PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
 def app(args: dict[str, str] | None = None) -> Application:
     """Compose the config with `args` as Hydra overrides (values may be strings, as `serve run`
     passes them) and bind the deployments. A bad override raises ConfigError naming the key."""
-    cfg = compose(args or {})
+    args = dict(args or {})
+    given = [key for key in args if str(key).lstrip("+~") in HTTP_KEYS]
+    if given:  # serve run (and a Serve config's args) would silently keep 127.0.0.1:8000
+        raise ConfigError(
+            f"{given[0]}: `serve run` does not take its listening address from key=value arguments "
+            "(it listens on 127.0.0.1:8000); use `python -m deployments serve.http_port=PORT "
+            "[serve.http_host=HOST]`, or start Serve first with `serve start --http-port PORT "
+            "[--http-host HOST]`, then `serve run -a auto deployments:app`"
+        )
+    cfg = compose(args)
     check(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)  # crosses to the replicas as plain data
     s = cfg.serve

@@ -592,6 +592,7 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         ({"serve.max_body_bytes": "0"}, "serve.max_body_bytes"),
         ({"serve.allowed_hosts": "[]"}, "serve.allowed_hosts"),
         ({"pipeline.cfg_parallel": "true", "pipeline.bands": "2"}, "pipeline.cfg_parallel=true runs with pipeline.bands=1"),
+        ({"serve.http_port": "8100"}, "python -m deployments serve.http_port=PORT"),
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
     ],
 )
