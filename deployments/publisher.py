@@ -56,7 +56,8 @@ class SessionPublisher:
         self.outputs: dict[str, BackgroundEncoder] = {}
         if rtsp_url:
             self.outputs["rtsp"] = BackgroundEncoder(
-                lambda: VideoEncoder.from_config(stream, rtsp_url=rtsp_url, fps=fps), pending, f"{name}-rtsp"
+                lambda: VideoEncoder.from_config(stream, rtsp_url=rtsp_url, fps=fps), pending, f"{name}-rtsp",
+                retry_s=float(stream.rtsp.retry_s),  # a restarted RTSP server gets the stream again
             )
         if record_path:
             self.outputs["recording"] = BackgroundEncoder(
@@ -140,9 +141,10 @@ class SessionPublisher:
             output.close()
 
     def output_stats(self, kind: str) -> dict | None:
-        """{published, dropped, error} of the "rtsp" or "recording" output; None without one.
+        """{published, dropped, error, reconnects} of the "rtsp" or "recording" output; None without one.
         Frames skipped before encoding (see `offer`) count as dropped."""
         output = self.outputs.get(kind)
         if output is None:
             return None
-        return {"published": output.published, "dropped": output.dropped + self.skipped, "error": output.error}
+        return {"published": output.published, "dropped": output.dropped + self.skipped, "error": output.error,
+                "reconnects": output.reconnects}

@@ -68,8 +68,9 @@ class ControlState(BaseModel):
 
 class VideoOutput(BaseModel):
     published: int = Field(description="frames pushed / written")
-    dropped: int = Field(description="frames the encoder could not keep up with")
-    error: str | None = Field(description="why this output stopped, if it has")
+    dropped: int = Field(description="frames the encoder could not keep up with, or that came while the output was down")
+    error: str | None = Field(description="why this output stopped, or (RTSP) why it is down now; null while frames flow")
+    reconnects: int = Field(0, description="times the output came back after an error (RTSP: the server restarted)")
 
 
 # The `stats` of a session's answer: its `dwm.session.DrivingStats`, then its video outputs.

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dwm.video import StreamConnectionError, VideoEncoder, compose_strip, session_rtsp_url
+from dwm.video.background import BackgroundEncoder
 from dwm.video.encoder import ACCESS_UNIT_DELIMITER
 from tests.waiting import free_port
 
@@ -100,8 +101,8 @@ def receive(url: str, queue: mp.Queue) -> None:
 class Receiver:
     """Runs `receive` in a child process and hands its decoded frames to the test."""
 
-    def __init__(self) -> None:
-        self.url = f"rtsp://127.0.0.1:{free_port()}/live"
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or f"rtsp://127.0.0.1:{free_port()}/live"
         ctx = mp.get_context("spawn")
         self._queue = ctx.Queue()
         self._process = ctx.Process(target=receive, args=(self.url, self._queue), daemon=True)
@@ -255,6 +256,52 @@ def test_mp4_decodes_every_frame_in_order_at_sim_times(tmp_path):
         assert (frame.height, frame.width) == (H, W)
         assert_matches_sent(frame.to_ndarray(format="rgb24"), k)
         assert frame.time == pytest.approx(sim_times[k], abs=1e-3)
+
+
+def test_a_restarted_rtsp_receiver_gets_the_stream_again_and_the_recording_goes_on(tmp_path):
+    """The RTSP server goes away mid-stream and comes back at the same address: the session's
+    RTSP output reopens and the new server decodes what is sent from then on; the MP4 of the
+    same frames (its own output) never notices."""
+    first = Receiver()
+    rtsp = BackgroundEncoder(lambda: VideoEncoder(rtsp_url=first.url, fps=10, connect_timeout=5.0),
+                             max_pending=4, name="rtsp", retry_s=0.2)
+    path = tmp_path / "drive.mp4"
+    recording = BackgroundEncoder(lambda: VideoEncoder(record_path=path, fps=10), max_pending=10_000, name="mp4")
+    sent = 0
+
+    def send_until(condition, what: str) -> None:
+        """Frames at a live pace, until `condition` holds (bounded by SHOWN_WITHIN_S)."""
+        nonlocal sent
+        deadline = time.monotonic() + SHOWN_WITHIN_S
+        while not condition():
+            assert time.monotonic() < deadline, f"no {what} after {sent} frames"
+            for out in (rtsp, recording):
+                out.submit(make_frame(sent % 256), sent / 10)
+            sent += 1
+            time.sleep(0.05)
+
+    second = None
+    try:
+        got_first: list[np.ndarray] = []
+        send_until(lambda: got_first.append(first.next_frame(0)) or got_first[-1] is not None, "frame at the first server")
+        assert rtsp.error is None
+        came_back = rtsp.reconnects  # the first server may have been reached at a second try
+        first.stop()  # the server goes away
+        send_until(lambda: rtsp.error is not None, "error while the server is away")
+        assert "RTSP" in rtsp.error and rtsp.reconnects == came_back
+        second = Receiver(first.url)  # and comes back at the same address
+        got: list[np.ndarray] = []
+        send_until(lambda: got.append(second.next_frame(0)) or got[-1] is not None, "frame at the restarted server")
+        assert rtsp.reconnects == came_back + 1 and rtsp.error is None
+        assert_matches_sent(got[-1], read_id(got[-1]))  # a whole frame of those sent, not a broken one
+    finally:
+        rtsp.close()
+        recording.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert recording.error is None and recording.dropped == 0
+    assert [read_id(f.to_ndarray(format="rgb24")) for f in decode_file(path)] == [k % 256 for k in range(sent)]
 
 
 def test_mp4_and_rtsp_together_both_decode_fully(tmp_path, receiver):
