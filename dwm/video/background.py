@@ -95,6 +95,12 @@ class BackgroundEncoder:
         publisher: VideoEncoder | None = None
         next_try = 0.0  # monotonic time of the next reopening, while the output is down
         try:
+            try:
+                publisher = self._open()  # before the first frame: a file exists from the start
+            except StreamConnectionError as e:
+                if self.retry_s is None:
+                    raise
+                next_try = self._down(e)
             while True:
                 item = self._queue.get()
                 if item is _CLOSE:
@@ -109,13 +115,10 @@ class BackgroundEncoder:
                 except StreamConnectionError as e:
                     if self.retry_s is None:
                         raise
-                    if self.error is None:
-                        log.warning("video out down, reopening every %.1f s: %s", self.retry_s, e)
-                    self.error = f"{type(e).__name__}: {e}"
                     self.dropped += 1
                     if publisher is not None:
                         _close_quietly(publisher)
-                    publisher, next_try = None, time.monotonic() + self.retry_s
+                    publisher, next_try = None, self._down(e)
                     continue
                 self.published += 1
                 if self.error is not None:  # back after an error
@@ -127,6 +130,13 @@ class BackgroundEncoder:
         finally:
             if publisher is not None:
                 _close_quietly(publisher)
+
+    def _down(self, error: StreamConnectionError) -> float:
+        """Note the output down; returns when to try it again (monotonic s)."""
+        if self.error is None:
+            log.warning("video out down, reopening every %.1f s: %s", self.retry_s, error)
+        self.error = f"{type(error).__name__}: {error}"
+        return time.monotonic() + self.retry_s
 
 
 def _close_quietly(publisher: VideoEncoder) -> None:
