@@ -76,7 +76,8 @@ class SessionQueues:
 
     def push_many(self, frames: dict[str, PackedConditions]) -> dict[str, list[GeneratedImages]]:
         ids = [session_id for session_id in frames if session_id in self.pipelines]
-        pushed = push_many([(self.pipelines[i], frames[i].unpack()) for i in ids])
+        device = torch.device(self.cfg.device)  # layouts cross to the model's device as uint8
+        pushed = push_many([(self.pipelines[i], frames[i].unpack(device)) for i in ids])
         return {i: [GeneratedImages(f.index, f.images) for f in out] for i, out in zip(ids, pushed)}
 
 

@@ -106,6 +106,9 @@ def test_an_output_that_cannot_open_reports_why():
 
 def test_packed_conditions_come_back_bit_for_bit_and_small():
     import pickle
+    import zlib
+
+    import numpy as np
 
     import torch
 
@@ -126,5 +129,12 @@ def test_packed_conditions_come_back_bit_for_bit_and_small():
     for name in ("box_images", "map_images", "camera_params"):
         assert torch.equal(getattr(back, name), getattr(frame, name)), name
     assert back.captions == frame.captions and back.sim_time == frame.sim_time
+    # Scaled to [0, 1] after the uint8 crossed to the device, as numpy scales it, for every value.
+    values = np.tile(np.arange(256, dtype=np.uint8), 18).reshape(3, 6, 16, 16)
+    every = PackedConditions(
+        zlib.compress(values.tobytes()), values.shape, frame.camera_params.numpy(), ["x"] * 3, 0.0
+    ).unpack()
+    expected = torch.from_numpy(values.astype(np.float32) * np.float32(1 / 255))
+    assert torch.equal(torch.cat([every.box_images, every.map_images], 1), expected)
     # Far less than one byte per layout value (mostly black, compressed), never four.
     assert len(pickle.dumps(packed)) <= frame.layout.numel() // 10

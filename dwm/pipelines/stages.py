@@ -148,7 +148,7 @@ class BandStage:
         inputs: FrameInputs = frame.payload
         text = TextEmbedding(inputs.text.tokens.to(self.device), inputs.text.pooled.to(self.device))
         cond, uncond = frame_contexts(
-            self.denoiser, self.unconditional, inputs.conditions.unpack(), text,
+            self.denoiser, self.unconditional, inputs.conditions.unpack(self.device), text,
             self.resolution, self.device, self.dtype,
         )
         contexts = FrameContexts(cond, uncond, FrameInputs(inputs.conditions, text))
