@@ -136,7 +136,8 @@ def handover_cost(cfg, frame: PackedConditions, repeats: int = 50) -> tuple[int,
     median ms of one stage model call (guided window of one band)."""
     model = StreamingPipeline.build_model(cfg)
     latent = torch.randn(3, 16, 22, 38)
-    handed = LatentFrame(latent, 4, FrameInputs(frame, model.text_encoder.encode(frame.captions)))
+    # With its caption embedding, as a frame is handed when its session's captions change.
+    handed = LatentFrame(latent, 4, FrameInputs(frame, model.text_encoder.encode(frame.captions), 0))
 
     def median_ms(move) -> float:
         move()

@@ -79,8 +79,11 @@ def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_pr
         handover = pool.handover.stats()
         latent = 3 * 16 * 22 * 38 * 4  # bytes of one float32 latent frame
         text = pool.text_encoder.encode([""] * 3).nbytes
-        # Each frame carries its latent, its caption embedding and its compact conditions.
-        assert handover["frames"] > 0 and latent + text < handover["bytes_per_frame"] < 1.2 * (latent + text)
+        # Each frame carries its latent and its compact conditions; its caption embedding only
+        # where the next stage has not had it (the captions of this drive never change): on
+        # average far less than an embedding per frame.
+        conditions = max(f.nbytes for f in frames)
+        assert handover["frames"] > 0 and latent < handover["bytes_per_frame"] < latent + conditions + text / 2
 
         # Lean stages: the denoiser everywhere, the decoder only where frames leave, no text encoder.
         holds = ray.get([ray.get_actor(s["actor"]).holds.remote() for s in pipeline["stages"]])

@@ -7,6 +7,8 @@ the Ray actors placed on GPUs run exactly these objects.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -77,6 +79,34 @@ def test_stages_give_the_frames_of_the_queue_in_one_piece_bit_for_bit(bands):
     assert len(got) == len(expected) == FRAMES - 3 * bands + 1
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+def test_new_captions_reach_every_stage_once_and_the_frames_stay_those_of_one_piece():
+    # The captions change twice during the drive: each new embedding travels to each stage
+    # once (with the first frame of its captions), and every frame is still bit for bit.
+    cfg = compose({"pipeline.steps": "12", "pipeline.window": "3", "pipeline.bands": "2",
+                   "pipeline.batch_bands": "false", "pipeline.text_interval": "2", "world.vehicles": "8"})
+    (frames,) = scene(cfg)
+    frames = [replace(f, captions=[f"{c}, {'dusk' if 4 <= i < 9 else 'rain' if i >= 9 else 'noon'}" for c in f.captions])
+              for i, f in enumerate(frames)]
+    model = StreamingPipeline.build_model(cfg)
+    whole = StreamingPipeline.from_config(cfg, views=3, model=model, seed=7)
+    expected = [out.images for f in frames for out in whole.push(f.unpack())]
+
+    staged = StagedQueue(cfg, model)
+    staged.open("s", seed=7)
+    sent = []  # (band the frame entered, whether its embedding came with it)
+    got = []
+    for f in frames:
+        before = dict(staged.fronts["s"].sent)
+        out = staged.round({"s": f})
+        got += list(out.values())
+        sent.append(staged.fronts["s"].sent != before)
+    assert len(got) == len(expected) == FRAMES - 6 + 1
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert staged.fronts["s"].version == 2  # noon, dusk, rain
+    assert sum(sent) < len(frames) // 2  # the embedding went with few of the frames
 
 
 def test_sessions_batched_on_stages_get_their_own_frames():

@@ -34,10 +34,14 @@ from dwm.pipelines.streaming import decode_views, frame_contexts, run_shifts
 
 class FrameInputs(NamedTuple):
     """What a frame's contexts are made from, as it travels between stages: its compact
-    conditions (captions those of the latest text refresh) and their embedding (V prompts)."""
+    conditions (captions those of the latest text refresh) and their embedding (V prompts),
+    version `text_version` of its session's captions. The embedding travels only to a stage
+    that has not had that version from the same sender (None otherwise): at the released size
+    it is about 8 MB (3 x 333 x 4096 in half precision), fifty latents."""
 
     conditions: PackedConditions
-    text: TextEmbedding
+    text: TextEmbedding | None
+    text_version: int
 
 
 class SessionFront:
@@ -50,13 +54,21 @@ class SessionFront:
     def __init__(self, front: QueueFront, text_encoder: TextEncoder, views: int):
         self.front, self.text_encoder = front, text_encoder
         self.text: TextEmbedding | None = None
+        self.version = -1  # of the captions in `text`; a refresh to other captions makes a new one
+        self.sent: dict[int, int] = {}  # band -> the version last sent into it from here
         self.empty_text = text_encoder.encode([""] * views)  # the unconditional captions
 
     def enter(self, conditions: PackedConditions) -> Entry:
         front = self.front
-        if front.refresh_text(conditions.captions):
-            self.text = self.text_encoder.encode(list(front.text))
-        return front.enter(FrameInputs(replace(conditions, captions=list(front.text)), self.text))
+        before = front.text
+        if front.refresh_text(conditions.captions) and front.text != before:
+            self.text, self.version = self.text_encoder.encode(list(front.text)), self.version + 1
+        entry = front.enter(None)
+        new = self.sent.get(entry.band) != self.version
+        self.sent[entry.band] = self.version
+        entry.frame.payload = FrameInputs(
+            replace(conditions, captions=list(front.text)), self.text if new else None, self.version)
+        return entry
 
 
 class KnownPrompts(TextEncoder):
@@ -85,7 +97,8 @@ def handed_bytes(frame: LatentFrame) -> int:
     """Bytes of tensor and array data a frame handed between stages carries: its latent, its
     caption embedding and its `PackedConditions`."""
     inputs: FrameInputs = frame.payload
-    return frame.latent.numel() * frame.latent.element_size() + inputs.text.nbytes + inputs.conditions.nbytes
+    text = inputs.text.nbytes if inputs.text is not None else 0
+    return frame.latent.numel() * frame.latent.element_size() + text + inputs.conditions.nbytes
 
 
 class _SessionBand:
@@ -96,6 +109,8 @@ class _SessionBand:
         self.step = GuidedStep(denoiser, guidance)
         self.batch_bands = True  # a stage's shift holds one band
         self.band = Band(window, device)
+        self.texts: dict[int, TextEmbedding] = {}  # caption versions received, on this device
+        self.sent_version = -1  # the version last handed to the next stage with its embedding
 
 
 class BandStage:
@@ -146,13 +161,22 @@ class BandStage:
     def _receive(self, session_id: str, frame: LatentFrame) -> None:
         """The frame joins the session's band, with its contexts on this device, built once."""
         inputs: FrameInputs = frame.payload
-        text = TextEmbedding(inputs.text.tokens.to(self.device), inputs.text.pooled.to(self.device))
+        owner = self.sessions[session_id]
+        if inputs.text is not None:
+            owner.texts[inputs.text_version] = TextEmbedding(
+                inputs.text.tokens.to(self.device), inputs.text.pooled.to(self.device))
+        if inputs.text_version not in owner.texts:
+            raise RuntimeError(f"stage {self.band}: session {session_id}'s captions version "
+                               f"{inputs.text_version} came without its embedding")
+        text = owner.texts[inputs.text_version]
+        for version in [v for v in owner.texts if v < inputs.text_version]:
+            del owner.texts[version]  # frames arrive in order: no older version comes again
         cond, uncond = frame_contexts(
             self.denoiser, self.unconditional, inputs.conditions.unpack(self.device), text,
             self.resolution, self.device, self.dtype,
         )
-        contexts = FrameContexts(cond, uncond, FrameInputs(inputs.conditions, text))
-        self.sessions[session_id].band.receive(LatentFrame(frame.latent, frame.index, contexts))
+        contexts = FrameContexts(cond, uncond, inputs._replace(text=text))
+        owner.band.receive(LatentFrame(frame.latent, frame.index, contexts))
 
     def take(self, handed: dict[str, LatentFrame]) -> None:
         """The frames the previous stage handed out this round join their sessions' bands."""
@@ -192,10 +216,12 @@ class BandStage:
                 out[session_id] = decode_views(self.decoder, self.schedule.leaving(frame))
                 continue
             inputs: FrameInputs = frame.payload.conditions
-            if self.keep_on_device:
-                # A copy: a view would keep (and carry) its whole band's storage.
-                out[session_id] = LatentFrame(frame.latent.clone(), frame.index, inputs)
-            else:
-                text = TextEmbedding(inputs.text.tokens.cpu(), inputs.text.pooled.cpu())
-                out[session_id] = LatentFrame(frame.latent.to("cpu", copy=True), frame.index, inputs._replace(text=text))
+            text = None  # the next stage has this version's embedding already
+            if inputs.text_version != owner.sent_version:
+                owner.sent_version, text = inputs.text_version, inputs.text
+                if not self.keep_on_device:
+                    text = TextEmbedding(text.tokens.cpu(), text.pooled.cpu())
+            # A copy: a view would keep (and carry) its whole band's storage.
+            latent = frame.latent.clone() if self.keep_on_device else frame.latent.to("cpu", copy=True)
+            out[session_id] = LatentFrame(latent, frame.index, inputs._replace(text=text))
         return out
