@@ -19,7 +19,7 @@ from PIL import Image
 from dwm.video import StreamConnectionError, VideoEncoder, compose_strip, session_rtsp_url
 from dwm.video.background import BackgroundEncoder
 from dwm.video.encoder import ACCESS_UNIT_DELIMITER
-from tests.waiting import free_port
+from tests.waiting import eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 172, 912  # the reference's 3-view strip
@@ -270,7 +270,8 @@ def test_a_restarted_rtsp_receiver_gets_the_stream_again_and_the_recording_goes_
     sent = 0
 
     def send_until(condition, what: str) -> None:
-        """Frames at a live pace, until `condition` holds (bounded by SHOWN_WITHIN_S)."""
+        """Frames one at a time, each once the recording has written the one before (the
+        pace of a live encoder), until `condition` holds (bounded by SHOWN_WITHIN_S)."""
         nonlocal sent
         deadline = time.monotonic() + SHOWN_WITHIN_S
         while not condition():
@@ -278,7 +279,7 @@ def test_a_restarted_rtsp_receiver_gets_the_stream_again_and_the_recording_goes_
             for out in (rtsp, recording):
                 out.submit(make_frame(sent % 256), sent / 10)
             sent += 1
-            time.sleep(0.05)
+            eventually(lambda: recording.published >= sent, "the recording to write the frame")
 
     second = None
     try:
