@@ -64,6 +64,7 @@ class SessionQueues:
         if world > 1:
             model = model._replace(denoiser=RowParallelDenoiser(model.denoiser, rank, world))
         self.model = model
+        self.device = torch.device(cfg.device)  # layouts cross to it as uint8
         self.pipelines: dict[str, StreamingPipeline] = {}
 
     def open(self, session_id: str, views: int, seed: int | None = None) -> int:
@@ -76,8 +77,7 @@ class SessionQueues:
 
     def push_many(self, frames: dict[str, PackedConditions]) -> dict[str, list[GeneratedImages]]:
         ids = [session_id for session_id in frames if session_id in self.pipelines]
-        device = torch.device(self.cfg.device)  # layouts cross to the model's device as uint8
-        pushed = push_many([(self.pipelines[i], frames[i].unpack(device)) for i in ids])
+        pushed = push_many([(self.pipelines[i], frames[i].unpack(self.device)) for i in ids])
         return {i: [GeneratedImages(f.index, f.images) for f in out] for i, out in zip(ids, pushed)}
 
 

@@ -48,7 +48,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dwm.conditions.packed import PackedConditions
-from dwm.models.base import TextEmbedding
+from dwm.models.base import LatentDecoder, TextEmbedding, TextEncoder
 from dwm.models.checkpoint import build_denoiser
 from dwm.pipelines.fifo import LatentFrame, Phase, QueueFront, QueueSchedule
 from dwm.pipelines.stages import BandStage, FrameInputs, SessionFront, handed_bytes
@@ -120,12 +120,11 @@ class StageActor:
     def where(self) -> dict:
         return self.placement
 
-    def holds(self) -> dict[str, str | None]:
-        """The model parts this stage holds: part -> class name, or None where it holds none."""
-        stage = self.stage
-        return {"denoiser": type(stage.denoiser).__name__,
-                "decoder": type(stage.decoder).__name__ if stage.decoder is not None else None,
-                "text_encoder": None}  # stages never encode: frames bring their embeddings
+    def holds(self) -> dict[str, str]:
+        """The model parts this stage holds: attribute -> class name, for every torch module,
+        decoder and text encoder its `BandStage` keeps."""
+        parts = (torch.nn.Module, LatentDecoder, TextEncoder)
+        return {name: type(value).__name__ for name, value in vars(self.stage).items() if isinstance(value, parts)}
 
     def step(self, work: RoundInput) -> tuple[dict, float]:
         """The stage's step of a round; returns (its frames handed out, seconds it worked)."""

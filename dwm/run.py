@@ -66,6 +66,10 @@ def run(overrides: list[str]) -> int:
     cfg = compose(overrides)
     if int(cfg.frames) < 1:
         raise ConfigError(f"frames={cfg.frames}: must be at least 1")
+    if cfg.pipeline.cfg_parallel:
+        raise ConfigError("pipeline.cfg_parallel=true shares each model call between two processes, which "
+                          "the Serve app runs (serve run deployments:app pipeline.cfg_parallel=true); "
+                          "python -m dwm.run runs one: leave it false here")
     # One world tick per frame: the video's frame rate is the fps the model is told.
     fps = condition_fps(cfg)
     world = instantiate(cfg, "world")

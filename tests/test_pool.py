@@ -85,10 +85,11 @@ def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_pr
         conditions = max(f.nbytes for f in frames)
         assert handover["frames"] > 0 and latent < handover["bytes_per_frame"] < latent + conditions + text / 2
 
-        # Lean stages: the denoiser everywhere, the decoder only where frames leave, no text encoder.
+        # Lean stages: the denoiser everywhere, the decoder only where frames leave, and no
+        # text encoder, only the table of the embeddings the frames brought (KnownPrompts).
         holds = ray.get([ray.get_actor(s["actor"]).holds.remote() for s in pipeline["stages"]])
-        assert [h["decoder"] is not None for h in holds] == [False] * (bands - 1) + [True]
-        assert all(h["text_encoder"] is None and h["denoiser"] for h in holds)
+        assert [sorted(h) for h in holds] == [["denoiser", "prompts"]] * (bands - 1) + [["decoder", "denoiser", "prompts"]]
+        assert all(h["prompts"] == "KnownPrompts" for h in holds), holds
     finally:
         pool.shutdown()
 

@@ -160,3 +160,11 @@ def test_run_stopped_with_sigterm_keeps_the_video(tmp_path):
     assert "interrupted" in rest
     images, _ = decode(out)
     assert len(images) >= 1 and images[0].shape == (172, 912, 3)
+
+
+def test_run_refuses_cfg_parallel_naming_the_serve_app():
+    from dwm.config import ConfigError
+    from dwm.run import run
+
+    with pytest.raises(ConfigError, match="pipeline.cfg_parallel=true .*serve run deployments:app"):
+        run(["pipeline.cfg_parallel=true", "out=null"])
