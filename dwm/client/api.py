@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+DELETE_TIMEOUT_S = 60.0  # s a DELETE may take: the round in progress, then the video's last frames
+
 
 class ApiError(RuntimeError):
     """The server refused a request (status and its reason) or could not be reached."""
@@ -38,7 +40,10 @@ class SessionClient:
         return request(self.url, "POST", f"/sessions/{self.id}/control", changes, self.token, self.timeout)
 
     def delete(self) -> dict:
-        return request(self.url, "DELETE", f"/sessions/{self.id}", token=self.token, timeout=self.timeout)
+        """End the session. The answer comes once the round in progress is over and the video is
+        fully written, which can take several rounds on a busy server: waits at least 60 s."""
+        timeout = max(self.timeout, DELETE_TIMEOUT_S)
+        return request(self.url, "DELETE", f"/sessions/{self.id}", token=self.token, timeout=timeout)
 
 
 def request(url: str, method: str, path: str, body: dict | None = None, token: str | None = None, timeout: float = 10.0):
