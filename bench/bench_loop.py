@@ -71,7 +71,6 @@ def main() -> None:
     pipeline.denoiser.frame_context = context
     pipeline.decoder.decode = decode
 
-    output_size = tuple(cfg.pipeline.output_size)
     loop_times: list[float] = []
     model_times: list[float] = []
     memory: dict[int, float] = {}
@@ -86,7 +85,7 @@ def main() -> None:
             start = time.perf_counter()
             for frame in session.step(world, pipeline):
                 layout = frame.conditions.layout if cfg.stream.overlay else None
-                publisher.publish(compose_strip(frame.images, output_size, layout), frame.conditions.sim_time)
+                publisher.publish(compose_strip(frame.images, layout), frame.conditions.sim_time)
             world.tick()
             loop_times.append(time.perf_counter() - start)
             model_times.append(denoise.seconds + context.seconds + decode.seconds)

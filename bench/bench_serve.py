@@ -44,13 +44,13 @@ def bare_fps(overrides: list[str], sessions: int, frames: int) -> float:
     model = StreamingPipeline.build_model(cfg)
     pipelines = [StreamingPipeline.from_config(cfg, builder.num_views, model=model) for _ in range(sessions)]
     drivers = [(DrivingSession.start(world, builder, p.depth, autopilot=True), p) for p in pipelines]
-    size, quality, overlay = tuple(cfg.pipeline.output_size), int(cfg.serve.jpeg_quality), bool(cfg.stream.overlay)
+    quality, overlay = int(cfg.serve.jpeg_quality), bool(cfg.stream.overlay)
 
     def round_() -> int:
         out = 0
         for session, pipeline in drivers:
             for frame in session.step(world, pipeline):
-                strip = compose_strip(frame.images, size, frame.conditions.layout if overlay else None)
+                strip = compose_strip(frame.images, frame.conditions.layout if overlay else None)
                 encode_jpeg(strip, quality)
                 out += 1
         world.tick()

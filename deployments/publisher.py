@@ -47,7 +47,6 @@ class SessionPublisher:
         rtsp_url: str | None = None,
         record_path: Path | None = None,
     ):
-        self.output_size = tuple(cfg.pipeline.output_size)
         self.quality = int(cfg.serve.jpeg_quality)
         self.overlay = overlay
         # One encoder thread per output, so that an RTSP server going away never ends the
@@ -100,7 +99,7 @@ class SessionPublisher:
 
     def _encode(self, frame: GeneratedFrame) -> tuple[np.ndarray, bytes]:
         layout = frame.conditions.layout if self.overlay else None
-        strip = compose_strip(frame.images, self.output_size, layout)  # (h, V*w, 3) uint8
+        strip = compose_strip(frame.images, layout)  # (h, V*w, 3) uint8
         return strip, encode_jpeg(strip, self.quality)
 
     async def next_frame(self, after: int, timeout: float) -> JpegFrame | None:

@@ -33,6 +33,7 @@ from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.frame import ConditionFrame
 from dwm.conditions.packed import PackedConditions
 from dwm.session import DrivingSession
+from dwm.pipelines.decode import to_uint8_views
 from dwm.video.compose import compose_strip
 from dwm.video.encoder import session_rtsp_url
 from dwm.video.stills import encode_png
@@ -383,7 +384,7 @@ class SessionManager:
             images = {"map": conditions.map_images, "boxes": conditions.box_images}.get(kind)
             if images is None:
                 images = conditions.map_images.maximum(conditions.box_images)
-            return encode_png(compose_strip(images, images.shape[-2:]))
+            return encode_png(compose_strip(to_uint8_views(images, images.shape[-2:])))
 
         return await asyncio.to_thread(encode)
 

@@ -50,7 +50,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dwm.conditions.packed import PackedConditions
 from dwm.models.base import LatentDecoder, TextEmbedding, TextEncoder
 from dwm.models.checkpoint import build_denoiser
-from dwm.pipelines.fifo import LatentFrame, Phase, QueueFront, QueueSchedule
+from dwm.pipelines.fifo import Entry, LatentFrame, QueueFront, QueueSchedule
 from dwm.pipelines.stages import BandStage, FrameInputs, SessionFront, handed_bytes
 from dwm.pipelines.streaming import build_decoder, build_text_encoder, frame_shape, model_dtype
 
@@ -59,7 +59,7 @@ log = logging.getLogger("ray.serve")
 # What a failed round of a pipeline raises: a stage died (plain calls), or the compiled
 # graph's channels closed because one did.
 STAGE_LOST = (RayActorError, RayChannelError)
-# A round takes what it takes (a warm-up of N steps on a slow device): the compiled graph's
+# A round takes what it takes (many sessions on a slow device): the compiled graph's
 # waits are bounded only by this. (A timeout of -1, "forever" in Ray's docs, is turned into
 # -1000 ms by its shared-memory channel and fails at once.)
 ROUND_TIMEOUT_S = 24 * 3600.0
@@ -75,15 +75,16 @@ def queue_schedule(cfg: DictConfig) -> QueueSchedule:
 class RoundInput:
     """What every stage of a pipeline is given for one round.
 
-    entering: per band, session -> the frame entering it from the session's front (band 0
-    once the queue runs; the band the queue fills while it gathers); phases: session -> the
-    phase of its push this round (sessions without a frame this round are absent);
+    entering: per band, session -> the entries into it from the session's front (the new
+    frame into band 0 once the queue runs; while it warms up, the slots of every band at
+    the first push, then frame k into slot k); pushes: session -> the number of its push
+    this round (sessions without a frame this round are absent);
     opened: session -> its V empty captions' embedding, for sessions new on this pipeline;
     closed: sessions to drop. Opens and closes apply before the round's frames.
     """
 
-    entering: list[dict[str, LatentFrame]]
-    phases: dict[str, Phase]
+    entering: list[dict[str, list[Entry]]]
+    pushes: dict[str, int]
     opened: dict[str, TextEmbedding] = field(default_factory=dict)
     closed: list[str] = field(default_factory=list)
 
@@ -107,7 +108,8 @@ class StageActor:
         self.stage = BandStage(
             build_denoiser(cfg, torch.device(cfg.device), model_dtype(cfg)),
             build_decoder(cfg) if last else None,
-            band, schedule, guidance=p.guidance, resolution=p.resolution, device=cfg.device,
+            band, schedule, guidance=p.guidance, resolution=p.resolution, output_size=p.output_size,
+            device=cfg.device,
             dtype=model_dtype(cfg), batch_sessions=bool(cfg.serve.stage.batch_sessions),
             keep_on_device=str(cfg.device).startswith("cuda"),
         )
@@ -133,7 +135,9 @@ class StageActor:
             self.stage.close(session_id)
         for session_id, empty_text in work.opened.items():
             self.stage.open(session_id, empty_text)
-        out = self.stage.step(_owned(work.entering[self.stage.band]), work.phases)
+        entering = {sid: [e._replace(frame=_owned(e.frame)) for e in entries]
+                    for sid, entries in work.entering[self.stage.band].items()}
+        out = self.stage.step(entering, work.pushes)
         return out, time.perf_counter() - start
 
     def take(self, handed: tuple[dict, float]) -> dict:
@@ -141,23 +145,22 @@ class StageActor:
         crossed (frames, bytes) and the seconds both stages worked on it."""
         frames, step_s = handed
         start = time.perf_counter()
-        self.stage.take(_owned(frames))
+        self.stage.take({sid: _owned(frame) for sid, frame in frames.items()})
         return {"frames": len(frames), "bytes": sum(handed_bytes(f) for f in frames.values()),
                 "previous_step_s": step_s, "take_s": time.perf_counter() - start}
 
 
-def _owned(frames: dict[str, LatentFrame]) -> dict[str, LatentFrame]:
-    """The frames with arrays of their own. A compiled graph's channel hands NumPy arrays over
+def _owned(frame: LatentFrame) -> LatentFrame:
+    """The frame with arrays of its own. A compiled graph's channel hands NumPy arrays over
     without a copy, as views of its buffer, and a buffer is written again only when no view of
     it is left: a frame kept in a band with such a view would hold its buffer for the frame's
     whole stay, and after as many rounds as the channel has buffers the round input could no
     longer be written (the graph stops)."""
-    out = {}
-    for session_id, frame in frames.items():
-        inputs: FrameInputs = frame.payload
-        conditions = replace(inputs.conditions, camera_params=np.array(inputs.conditions.camera_params))
-        out[session_id] = LatentFrame(frame.latent, frame.index, inputs._replace(conditions=conditions))
-    return out
+    inputs: FrameInputs | None = frame.payload
+    if inputs is None:  # a slot's noise: a tensor, which the channel copies
+        return frame
+    conditions = replace(inputs.conditions, camera_params=np.array(inputs.conditions.camera_params))
+    return LatentFrame(frame.latent, frame.index, inputs._replace(conditions=conditions))
 
 
 @dataclass
@@ -337,7 +340,7 @@ class DenoiserPool:
     def push_many(self, frames: dict[str, PackedConditions]) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], dict[str, int]]:
         """One round: each session's new conditions in, the frames that leave out.
 
-        Returns (session -> [(frame index, images (V, 3, H, W))], session -> frames lost by a
+        Returns (session -> [(frame index, images (V, h, w, 3) uint8)], session -> frames lost by a
         restart of its queue in this round). All pipelines' rounds run at once."""
         started = []
         for pipeline in self.pipelines:
@@ -347,9 +350,10 @@ class DenoiserPool:
             work = RoundInput([{} for _ in range(self.bands)], {}, pipeline.opened, pipeline.closed)
             pipeline.opened, pipeline.closed = {}, []
             for sid, conditions in mine.items():
-                entry = self.fronts[sid].enter(conditions)
-                work.entering[entry.band][sid] = entry.frame
-                work.phases[sid] = entry.phase
+                pushed, entries = self.fronts[sid].enter(conditions)
+                for entry in entries:
+                    work.entering[entry.band].setdefault(sid, []).append(entry)
+                work.pushes[sid] = pushed
             start = time.perf_counter()
             try:
                 started.append((pipeline, start, pipeline.start(work)))

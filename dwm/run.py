@@ -23,7 +23,7 @@ from dwm.video.encoder import StreamConnectionError, VideoEncoder, session_rtsp_
 
 
 class Progress:
-    """One status line: gathering conditions, then the warm-up's model calls, then frames."""
+    """One status line: the warm-up's frames, then the frames out."""
 
     def __init__(self, frames: int, stream=sys.stderr):
         self.frames, self.stream = frames, stream
@@ -40,8 +40,8 @@ class Progress:
             self.stream.write(text + "\n")
             self._last_line = now
 
-    def warmup_step(self, done: int, total: int) -> None:
-        self.show(f"warming up the queue: model call {done}/{total}", force=done == total)
+    def warming(self, frames_in: int, depth: int) -> None:
+        self.show(f"warming up the queue: frame {frames_in}/{depth + 1} in, the first out after {depth + 1}")
 
     def frame(self, frame: GeneratedFrame, speed: float) -> None:
         n = frame.index + 1
@@ -80,16 +80,14 @@ def run(overrides: list[str]) -> int:
     if cfg.out is None and rtsp is None:
         raise ConfigError("nothing to write: set out=FILE.mp4 and/or stream.rtsp.url=rtsp://HOST:PORT/PATH")
     progress = Progress(int(cfg.frames))
-    warm = session.queue_depth + 1
-    output_size = tuple(cfg.pipeline.output_size)
     with VideoEncoder.from_config(cfg.stream, cfg.out, rtsp, fps=fps) as publisher:
         written = 0
         while written < cfg.frames:
-            if pipeline.warming and pipeline.queue.calls_for_next_push == 0:
-                progress.show(f"gathering conditions: {session.frames_in + 1}/{warm}")
-            for frame in session.step(world, pipeline, on_step=progress.warmup_step if pipeline.warming else None):
+            if pipeline.warming:
+                progress.warming(session.frames_in + 1, session.queue_depth)
+            for frame in session.step(world, pipeline):
                 layout = frame.conditions.layout if cfg.stream.overlay else None
-                publisher.publish(compose_strip(frame.images, output_size, layout), frame.conditions.sim_time)
+                publisher.publish(compose_strip(frame.images, layout), frame.conditions.sim_time)
                 written += 1
                 progress.frame(frame, session.last_observation.ego_speed)
             world.tick()

@@ -67,8 +67,11 @@ def assert_same_frames(batched: list[torch.Tensor], single: list[torch.Tensor]) 
     assert len(batched) == len(single) > 0
     for a, b in zip(batched, single):
         # A larger batch may round differently in the last bits of float32 (seen: 1.4e-5 after
-        # 12 steps), far below one 8-bit level of the video (1/255 = 3.9e-3).
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+        # 12 steps), far below one 8-bit level of the video: it can move a pixel that sits on a
+        # rounding edge by one level, and no more.
+        assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (diff.max(), (diff > 0).float().mean())
 
 
 def test_two_sessions_batched_get_the_frames_each_gets_alone(cfg, scenes):
@@ -85,11 +88,12 @@ def test_two_sessions_batched_get_the_frames_each_gets_alone(cfg, scenes):
     assert_same_frames(out[0], single[0])
     assert_same_frames(out[1], single[1])
     # The two sessions' images differ (different egos and noise), so the test can fail.
-    assert (out[0][0] - out[1][0]).abs().max() > 1e-2
+    assert (out[0][0].int() - out[1][0].int()).abs().max() > 2
 
-    # One model call per step for both: 6 warm-up steps, then s=2 per shift, each on 2 x 2B rows.
+    # One model call per step for both: s=2 per push from the first (the warm-up spread over
+    # the first 3 pushes), each on 2 x 2B rows.
     bands = cfg.pipeline.bands
-    assert calls.rows == [4 * bands] * (6 + 2 * (len(scenes[0]) - 3))
+    assert calls.rows == [4 * bands] * (2 * len(scenes[0]))
 
 
 def test_a_session_joining_late_and_one_leaving_change_no_one_elses_frames(cfg, scenes):
@@ -110,13 +114,11 @@ def test_a_session_joining_late_and_one_leaving_change_no_one_elses_frames(cfg, 
             out_b += [g.images for g in got[1]]
     assert_same_frames(out_a, single_a)
     assert_same_frames(out_b, single_b)
-    # a alone: its warm-up (6 calls) and two shifts (2 calls each) while b gathers frames.
-    # Then b warms up (N=6 steps) while a needs s=2: the first 2 calls of that round carry
-    # both, the other 4 only b. After that, both in every call.
+    # a alone for 3 pushes (s=2 calls each). b joins: its warm-up spreads over its first 3
+    # pushes, s calls each, inside a's calls: no round has a call without a. Both in every
+    # call for b's 6 pushes, then a alone again.
     one = 2 * cfg.pipeline.bands
-    assert calls.rows[:10] == [one] * 10
-    assert calls.rows[10:16] == [2 * one] * 2 + [one] * 4
-    assert calls.rows[16:] == [2 * one] * 2 * 3
+    assert calls.rows == [one] * 6 + [2 * one] * 2 * 6 + [one] * 2 * (len(scenes[0]) - 9)
 
 
 def test_one_frame_per_queue_per_round(cfg, scenes):

@@ -131,10 +131,13 @@ def test_contexts_are_stacked_once_per_shift(monkeypatch, scale, bands):
     for k in range(window * bands + extra):
         queue.push(FrameContexts(context(k), context(-k)), step)
     windows = 2 * bands if scale != 1.0 else bands
-    # One stack for the warm-up, one per later shift; every model call still ran.
-    assert stacks == [windows] * (1 + extra)
-    assert len(denoiser.calls) == steps + extra * per_shift
-    assert all(call[0].shape[0] == windows for call in denoiser.calls)
+    # One stack per shift, every push one shift; while the queue warms up, only the bands
+    # that have a frame run (band B-1 from the first push, band B-2 from the T+1-th, ...).
+    per_band = windows // bands
+    started = [min(bands, k // window + 1) for k in range(window * bands + extra)]
+    assert stacks == [per_band * b for b in started]
+    assert len(denoiser.calls) == per_shift * len(started)
+    assert [call[0].shape[0] for call in denoiser.calls] == [per_band * b for b in started for _ in range(per_shift)]
     # And the context follows the frames: the last call saw the last window's frames.
     newest_row = denoiser.calls[-1][2]["bias"][windows - bands]  # conditional band 0
     pushed = window * bands + extra

@@ -14,7 +14,7 @@ import torch
 
 from dwm.conditions.packed import PackedConditions
 from dwm.config import compose
-from dwm.pipelines.fifo import Phase, QueueFront, QueueSchedule
+from dwm.pipelines.fifo import QueueFront, QueueSchedule
 from dwm.pipelines.stages import BandStage, SessionFront
 from dwm.pipelines.streaming import StreamingPipeline, frame_shape
 from tests.driving import packed_drive
@@ -37,7 +37,8 @@ class StagedQueue:
         self.schedule = QueueSchedule(p.steps, p.window, p.bands, p.shift, p.train_steps)
         self.stages = [
             BandStage(model.denoiser, model.decoder if b == p.bands - 1 else None, b, self.schedule,
-                      guidance=p.guidance, resolution=p.resolution, batch_sessions=batch_sessions)
+                      guidance=p.guidance, resolution=p.resolution, output_size=p.output_size,
+                      batch_sessions=batch_sessions)
             for b in range(p.bands)
         ]
         self.fronts: dict[str, SessionFront] = {}
@@ -52,12 +53,12 @@ class StagedQueue:
 
     def round(self, frames: dict[str, PackedConditions]) -> dict[str, torch.Tensor]:
         entering = [{} for _ in range(self.bands)]
-        phases = {}
+        pushes = {}
         for session_id, conditions in frames.items():
-            entry = self.fronts[session_id].enter(conditions)
-            entering[entry.band][session_id] = entry.frame
-            phases[session_id] = entry.phase
-        out = [stage.step(entering[b], phases) for b, stage in enumerate(self.stages)]
+            pushes[session_id], entries = self.fronts[session_id].enter(conditions)
+            for entry in entries:
+                entering[entry.band].setdefault(session_id, []).append(entry)
+        out = [stage.step(entering[b], pushes) for b, stage in enumerate(self.stages)]
         for stage, handed in zip(self.stages[1:], out[:-1]):
             stage.take(handed)
         return out[-1]
@@ -140,7 +141,7 @@ def test_a_stage_refuses_a_session_it_does_not_hold():
     model = StreamingPipeline.build_model(cfg)
     stage = BandStage(model.denoiser, model.decoder, 0, QueueSchedule(6, 3, 1))
     with pytest.raises(KeyError, match="holds no queue for sessions \\['ghost'\\]"):
-        stage.step({}, {"ghost": Phase.RUN})
+        stage.step({}, {"ghost": 12})
     with pytest.raises(KeyError, match="holds no queue for sessions \\['ghost'\\]"):
         stage.take({"ghost": None})
 

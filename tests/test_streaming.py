@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dwm.pipelines.decode import to_uint8_views
 from dwm.video import StreamConnectionError, VideoEncoder, compose_strip, session_rtsp_url
 from dwm.video.background import BackgroundEncoder
 from dwm.video.encoder import ACCESS_UNIT_DELIMITER
@@ -389,7 +390,7 @@ def test_from_config_uses_the_stream_group(tmp_path):
 def test_strip_has_the_views_side_by_side_in_rig_order():
     colours = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     views = colours[:, :, None, None].expand(3, 3, 176, 304).contiguous()
-    strip = compose_strip(views, [172, 304])
+    strip = compose_strip(to_uint8_views(views, [172, 304]))
     assert strip.shape == (172, 3 * 304, 3) and strip.dtype == np.uint8
     for v in range(3):
         third = strip[:, v * 304 : (v + 1) * 304]
@@ -397,27 +398,34 @@ def test_strip_has_the_views_side_by_side_in_rig_order():
 
 
 @pytest.mark.parametrize("size", [(172, 304), (88, 152)])
-def test_strip_resize_matches_a_bilinear_image_resize(size):
+def test_views_resize_matches_a_bilinear_image_resize(size):
     h, w = size
     gen = torch.Generator().manual_seed(0)
     views = torch.rand(2, 3, 176, 304, generator=gen)
-    strip = compose_strip(views, (h, w))
+    out = to_uint8_views(views, (h, w))
+    assert out.shape == (2, h, w, 3) and out.dtype == torch.uint8
     for v in range(2):
         src = Image.fromarray((views[v].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
         expected = np.asarray(src.resize((w, h), Image.BILINEAR)).astype(int)
-        assert np.abs(strip[:, v * w : (v + 1) * w].astype(int) - expected).max() <= 2
+        assert np.abs(out[v].numpy().astype(int) - expected).max() <= 2
+
+
+def test_views_are_clipped_and_rounded_to_the_nearest_level():
+    views = torch.tensor([-0.5, 0.0, 0.3 / 255, 0.7 / 255, 254.4 / 255, 1.0, 1.5]).reshape(1, 1, 1, 7).expand(1, 3, 1, 7)
+    out = to_uint8_views(views, (1, 7))
+    assert out[0, 0, :, 0].tolist() == [0, 0, 0, 1, 254, 255, 255]
 
 
 def test_overlay_follows_the_preview_rule():
     h, w = 4, 6
-    views = torch.full((2, 3, h, w), 100 / 255)
+    views = torch.full((2, h, w, 3), 100, dtype=torch.uint8)
     boxes = torch.zeros(2, 3, h, w)
     hdmap = torch.zeros(2, 3, h, w)
     boxes[0, 0, 1, 1] = 1.0  # a red box pixel
     hdmap[0, 1, 1, 1] = 0.5  # under it, half green map: max per channel
     hdmap[1, 2, 2, 3] = 1.0  # a blue map pixel in the second view
     boxes[1, :, 3, 5] = 0.25  # a faint grey box pixel
-    strip = compose_strip(views, [h, w], layout=torch.cat([boxes, hdmap], dim=1))
+    strip = compose_strip(views, layout=torch.cat([boxes, hdmap], dim=1))
 
     cond = np.maximum(boxes.numpy(), hdmap.numpy()).transpose(0, 2, 3, 1)  # (V, h, w, 3)
     alpha = 0.6 * cond.max(axis=-1, keepdims=True)
@@ -432,8 +440,8 @@ def test_overlay_follows_the_preview_rule():
 def test_overlay_layout_is_resized_nearest_to_the_view_size():
     gen = torch.Generator().manual_seed(1)
     layout = (torch.rand(3, 6, 43, 76, generator=gen) > 0.8).float()
-    views = torch.zeros(3, 3, 86, 152)
-    strip = compose_strip(views, [86, 152], layout=layout)
+    views = np.zeros((3, 86, 152, 3), np.uint8)
+    strip = compose_strip(views, layout=layout)
     cond = np.maximum(layout[:, :3].numpy(), layout[:, 3:].numpy()).transpose(0, 2, 3, 1)
     cond = cond.repeat(2, axis=1).repeat(2, axis=2)  # exactly 2x nearest
     alpha = 0.6 * cond.max(axis=-1, keepdims=True)
@@ -442,11 +450,13 @@ def test_overlay_layout_is_resized_nearest_to_the_view_size():
 
 
 def test_compose_refuses_bad_shapes():
-    with pytest.raises(ValueError, match=r"\(V, 3, H, W\)"):
-        compose_strip(torch.zeros(3, 4, 8, 8), [8, 8])
+    with pytest.raises(ValueError, match=r"\(V, h, w, 3\) uint8"):
+        compose_strip(torch.zeros(3, 8, 8, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(V, h, w, 3\) uint8"):
+        compose_strip(torch.zeros(3, 8, 8, 3))  # float views: convert them with to_uint8_views
     with pytest.raises(ValueError, match=r"\(V, 6, H, W\)"):
-        compose_strip(torch.zeros(3, 3, 8, 8), [8, 8], layout=torch.zeros(3, 3, 8, 8))
+        compose_strip(torch.zeros(3, 8, 8, 3, dtype=torch.uint8), layout=torch.zeros(3, 3, 8, 8))
     with pytest.raises(ValueError, match="must match"):
-        compose_strip(torch.zeros(3, 3, 8, 8), [8, 8], layout=torch.zeros(2, 6, 8, 8))
-    with pytest.raises(ValueError, match="output_size"):
-        compose_strip(torch.zeros(3, 3, 8, 8), [8])
+        compose_strip(torch.zeros(3, 8, 8, 3, dtype=torch.uint8), layout=torch.zeros(2, 6, 8, 8))
+    with pytest.raises(ValueError, match=r"\(V, 3, H, W\)"):
+        to_uint8_views(torch.zeros(3, 4, 8, 8), [8, 8])

@@ -14,15 +14,25 @@ Order of slots (the convention everywhere below):
 - Counting all L slots from the cleanest, slot j = (B-1-b)*T + t. At the end of a shift slot
   j sits at step index N - s*j; slot 0 is at N (sigma 0), done.
 
-With B=1, N=24, T=6 (s=4) this is exactly the reference schedule: a 24-call warm-up with
-idx_j = max(0, i - 4j) once six frames have arrived, then four calls per output frame.
+Joining without a stall. The reference gathers L conditions, then runs an N-call warm-up in
+which slot j starts at call s*j (idx_j = max(0, i - s*j)); run in a shared round, those N
+calls stop every other session's picture for N/s rounds' worth of calls. Here the warm-up is
+spread over the first L pushes, s calls each, batched with everybody's calls: push k runs the
+warm-up's calls s*k .. s*k + s - 1, so slot j still starts at call s*j, when frame j has
+just arrived. A slot whose frame has not arrived yet holds that frame's noise (drawn at the
+first push) and, as a stand-in for its conditions, those of the newest frame of its band; it
+is never stepped before its frame arrives, and a band with no frame yet is not run at all.
+So every push of a session makes s calls, the first frame leaves at the L-th push as in the
+reference, and with B=1, N=24, T=6 (s=4) the steps are exactly the reference's: its 24
+warm-up calls, then four per output frame. The only difference: until frame j arrives, the
+noise in slot j is seen with the newest known conditions instead of frame j's own.
 
 The parts, each the one place of its rules:
 
 - `QueueSchedule`: N, T, B and what follows from them (sigmas, the warm-up's delays, the
-  steps each `Phase` of a push runs, the check on a leaving frame).
+  steps push k runs, the check on a leaving frame).
 - `QueueFront`: a session's side of the queue that lives on no device: the seeded noise of
-  new frames, the band each enters, the phase its push runs, and the text refresh.
+  new frames, the slot each takes, and the text refresh.
 - `Band`: T slots, the unit that can live on its own device; it takes in and hands over one
   `LatentFrame` (a latent, its step index and its payload) per shift.
 - `Shift`: the Euler steps of one push over full bands, prepared up front.
@@ -80,8 +90,7 @@ class StepFunction(Protocol):
 class Phase(str, Enum):
     """What a push does, from the number of frames pushed before it."""
 
-    GATHER = "gather"  # the first L - 1 frames only enter
-    WARM_UP = "warm_up"  # the L-th frame: every band runs the N-step warm-up
+    RAMP = "ramp"  # the first L pushes: s calls of the warm-up each; the L-th hands frames on
     RUN = "run"  # every band advances s steps and hands one frame on
 
 
@@ -106,7 +115,8 @@ class Band:
     """T consecutive slots of the queue, position 0 the cleanest, on one device.
 
     State: `latents` (n, V, C, h, w) float32 on `device`, `indices` (n,) long step indices on
-    the CPU (the schedule is computed there), `payloads` (n items), n <= T.
+    the CPU (the schedule is computed there), `payloads` (n items), n <= T. While the queue
+    warms up, a slot whose frame has not arrived has payload None (see `window_payloads`).
     """
 
     def __init__(self, window: int, device: torch.device | str = "cpu"):
@@ -136,10 +146,34 @@ class Band:
             self.indices = torch.cat([self.indices, index])
         self.payloads.append(frame.payload)
 
+    def place(self, position: int, frame: LatentFrame) -> None:
+        """Frame takes the slot at `position`, which held its noise (`QueueFront`) until now."""
+        if not (0 <= position < len(self) and self.payloads[position] is None):
+            raise RuntimeError(f"slot {position} of this band awaits no frame")
+        self.latents[position] = frame.latent.to(self.device, LATENT_DTYPE)
+        self.indices[position] = frame.index
+        self.payloads[position] = frame.payload
+
+    @property
+    def started(self) -> bool:
+        """Whether any frame has arrived (a band of noise slots only is never run)."""
+        return any(p is not None for p in self.payloads)
+
+    def window_payloads(self) -> tuple[Any, ...]:
+        """The payloads the model sees: a slot still awaiting its frame shows the newest
+        arrived frame's before it (frames arrive cleanest first)."""
+        out, newest = [], None
+        for payload in self.payloads:
+            newest = payload if payload is not None else newest
+            out.append(newest)
+        return tuple(out)
+
     def hand_over(self) -> LatentFrame:
         """Remove and return the cleanest frame (position 0)."""
         if not self.payloads:
             raise RuntimeError("band is empty")
+        if self.payloads[0] is None:
+            raise RuntimeError("the band's cleanest slot is still awaiting its frame")
         frame = LatentFrame(self.latents[0], int(self.indices[0]), self.payloads.pop(0))
         self.latents, self.indices = self.latents[1:], self.indices[1:]
         return frame
@@ -158,7 +192,8 @@ class Shift:
 
     sigmas (N+1,) float32 on the CPU. delays (B, T) long, optional: slot (b, t) is only
     updated from step `delays[b, t]` on; before that it stays where it is (pure noise at
-    index 0 during the warm-up) but still sits in the window.
+    index 0 during the warm-up) but still sits in the window. A delay of `steps` or more:
+    not updated in this shift at all.
     latents (B, T, V, C, h, w): the windows, stacked; timesteps (steps, B, T, V) float32 =
     sigma * 1000 per slot and step, repeated over views; grid: the shift's `PayloadGrid`.
     """
@@ -175,7 +210,7 @@ class Shift:
         self.bands = list(bands)
         self.latents = torch.stack([band.latents for band in bands])  # (B, T, V, C, h, w)
         indices = torch.stack([band.indices for band in bands])  # (B, T) long, CPU
-        self.grid: PayloadGrid = tuple(tuple(band.payloads) for band in bands)
+        self.grid: PayloadGrid = tuple(band.window_payloads() for band in bands)
         self.steps = steps
         n_bands, window, views = self.latents.shape[:3]
         if delays is None:
@@ -277,28 +312,39 @@ class QueueSchedule:
 
     @cached_property
     def warmup_delays(self) -> torch.Tensor:
-        """(B, T) long: the warm-up step at which slot (b, t) starts, s*j for slot j counted
-        from the cleanest, so that at the end of the N-step warm-up slot j sits at N - s*j."""
-        cleanest_first = torch.arange(self.length).view(self.bands, self.window).flip(0)  # (B, T) -> j
-        return self.steps_per_shift * cleanest_first
+        """(B, T) long: the warm-up call at which slot (b, t) starts, s*j for slot j counted
+        from the cleanest, so that after the N warm-up calls slot j sits at N - s*j."""
+        return self.steps_per_shift * self.slot_numbers
+
+    @cached_property
+    def slot_numbers(self) -> torch.Tensor:
+        """(B, T) long: slot j of (band b, position t), counted from the cleanest."""
+        return torch.arange(self.length).view(self.bands, self.window).flip(0)
+
+    def slot(self, j: int) -> tuple[int, int]:
+        """(band, position) of slot j."""
+        return self.bands - 1 - j // self.window, j % self.window
 
     def phase(self, pushed: int) -> Phase:
-        """The phase of the push of frame `pushed` (0-based)."""
-        if pushed < self.length - 1:
-            return Phase.GATHER
-        return Phase.WARM_UP if pushed == self.length - 1 else Phase.RUN
+        """The phase of push `pushed` (0-based: the number of frames pushed before it)."""
+        return Phase.RAMP if pushed < self.length else Phase.RUN
 
-    def calls(self, phase: Phase) -> int:
-        """Model calls a push in `phase` makes: 0 while gathering, N for the warm-up, s after."""
-        return {Phase.GATHER: 0, Phase.WARM_UP: self.steps, Phase.RUN: self.steps_per_shift}[phase]
+    def hands_over(self, pushed: int) -> bool:
+        """Whether push `pushed` hands each band's cleanest frame on (one leaves the queue):
+        from the L-th push on."""
+        return pushed >= self.length - 1
 
-    def shift_for(self, phase: Phase, bands: Sequence[Band], first: int = 0) -> Shift | None:
-        """The Euler steps a push in `phase` runs over `bands`, which are bands first,
-        first + 1, ... of the queue (all B in one piece, one on a stage); None while gathering."""
-        if phase is Phase.GATHER:
+    def shift_for(self, pushed: int, bands: Sequence[Band], first: int = 0) -> Shift | None:
+        """The Euler steps push `pushed` runs over `bands`, which are bands first, first + 1,
+        ... of the queue (all B in one piece, one on a stage): s steps, over the bands that
+        have a frame (see "Joining without a stall"); None if none has."""
+        if self.phase(pushed) is Phase.RUN:
+            return Shift(bands, self.sigmas, self.steps_per_shift)
+        delays = (self.warmup_delays - self.steps_per_shift * pushed).clamp(min=0)[first : first + len(bands)]
+        running = [b for b, band in enumerate(bands) if band.started]
+        if not running:
             return None
-        delays = self.warmup_delays[first : first + len(bands)] if phase is Phase.WARM_UP else None
-        return Shift(bands, self.sigmas, self.calls(phase), delays)
+        return Shift([bands[b] for b in running], self.sigmas, self.steps_per_shift, delays[running])
 
     def leaving(self, frame: LatentFrame) -> LatentFrame:
         """The last band's cleanest frame, which leaves the queue: it must have had all N steps."""
@@ -308,12 +354,13 @@ class QueueSchedule:
 
 
 class Entry(NamedTuple):
-    """A new frame at the queue's front: the band it enters, the frame (its noise, index 0,
-    and payload), and the phase of the push it enters with."""
+    """A frame for the queue: the band it goes to, its position there (None: appended at the
+    noisy end, as every frame once the queue runs; a number: it takes the slot that holds its
+    noise), and the frame (noise, index 0, payload; None for a slot whose frame comes later)."""
 
     band: int
+    position: int | None
     frame: LatentFrame
-    phase: Phase
 
 
 class QueueFront:
@@ -323,9 +370,10 @@ class QueueFront:
     generator's (CPU, so that the same seed gives the same frames on any device);
     text_interval: frames between caption refreshes.
 
-    Per push (`enter`): a fresh float32 noise frame; the band it enters (while the queue
-    gathers, the first L frames fill it from the clean end, so the first becomes slot 0;
-    then band 0); and the push's phase. Text: the reference re-encodes the captions every
+    Per push (`enter`): a fresh float32 noise frame and the slot it takes. The first push
+    fills all L slots, cleanest first: its frame in slot 0 and the noise of the next L-1
+    frames (drawn now, in order) in theirs; push k < L puts frame k into slot k; after that
+    every frame enters band 0. Text: the reference re-encodes the captions every
     `text_interval` frames and reuses the latest embedding in between (`refresh_text`).
     """
 
@@ -347,16 +395,12 @@ class QueueFront:
         self.generator.manual_seed(self.seed)
         self.pushed = 0
         self.text: tuple[str, ...] | None = None  # the captions of the latest refresh
+        self._noise: list[torch.Tensor] = []  # while warming up: the noise of slot j
 
     @property
     def warming(self) -> bool:
-        """True until the warm-up has run (fewer than L frames have arrived)."""
+        """True until the first frame has left (fewer than L frames have arrived)."""
         return self.pushed < self.schedule.length
-
-    @property
-    def calls_for_next_push(self) -> int:
-        """Model calls the next push will make: 0 while gathering, N for the warm-up, s after."""
-        return self.schedule.calls(self.schedule.phase(self.pushed))
 
     def refresh_text(self, captions: Sequence[str]) -> bool:
         """Whether the next frame's captions are encoded (the first frame's, then every
@@ -367,13 +411,23 @@ class QueueFront:
         self.text = tuple(captions)
         return True
 
-    def enter(self, payload: Any) -> Entry:
-        """A new frame with `payload`: its noise, the band it enters and its push's phase."""
-        noise = torch.randn(self.frame_shape, generator=self.generator, dtype=LATENT_DTYPE)
+    def enter(self, payload: Any) -> list[Entry]:
+        """A new frame with `payload`: the entries of this push, in order (see the class)."""
         k, schedule = self.pushed, self.schedule
         self.pushed += 1
-        band = schedule.bands - 1 - k // schedule.window if k < schedule.length else 0
-        return Entry(band, LatentFrame(noise, 0, payload), schedule.phase(k))
+        if k == 0:
+            self._noise = [self._draw() for _ in range(schedule.length)]
+            # Appended cleanest first: slot j lands at its position of its band.
+            return [Entry(schedule.slot(j)[0], None, LatentFrame(noise, 0, payload if j == 0 else None))
+                    for j, noise in enumerate(self._noise)]
+        if k < schedule.length:
+            # Already in the queue's slot: sent again so that a stage can hold it as it is.
+            return [Entry(*schedule.slot(k), LatentFrame(self._noise[k], 0, payload))]
+        self._noise = []
+        return [Entry(0, None, LatentFrame(self._draw(), 0, payload))]
+
+    def _draw(self) -> torch.Tensor:
+        return torch.randn(self.frame_shape, generator=self.generator, dtype=LATENT_DTYPE)
 
 
 class BandedFifoQueue:
@@ -383,9 +437,9 @@ class BandedFifoQueue:
     text_interval: the `QueueFront`; device: of the latents, which are float32 whatever the
     model's dtype (see "Precision" above).
 
-    Life of a stream: the first L-1 pushes only gather (no model call); the L-th push runs
-    the N-step warm-up over all slots and returns the first frame; every later push runs s
-    steps and returns one frame. The k-th frame to leave carries the k-th pushed payload.
+    Life of a stream: every push runs s steps; the first L spread the warm-up over the slots
+    as their frames arrive, the L-th returns the first frame, and every later push returns
+    one. The k-th frame to leave carries the k-th pushed payload.
     """
 
     def __init__(
@@ -420,10 +474,6 @@ class BandedFifoQueue:
         return self.front.warming
 
     @property
-    def calls_for_next_push(self) -> int:
-        return self.front.calls_for_next_push
-
-    @property
     def steps_per_shift(self) -> int:
         return self.schedule.steps_per_shift
 
@@ -439,24 +489,26 @@ class BandedFifoQueue:
         on_step(done, total) is called after each model call of this push.
         """
         shift = self.begin_push(payload)
-        if shift is None:
-            return None
         total = shift.steps
         shift.run(step_fn, None if on_step is None else (lambda done: on_step(done, total)))
         return self.end_push(shift)
 
-    def begin_push(self, payload: Any) -> Shift | None:
+    def begin_push(self, payload: Any) -> Shift:
         """The first half of `push`: a fresh noise frame enters with `payload`; returns the
-        shift to run (N steps for the warm-up, s after), or None while the queue gathers.
-        Run all its steps, then call `end_push` with it before the next push."""
-        entry = self.front.enter(payload)
-        self.bands[entry.band].receive(entry.frame)
-        return self.schedule.shift_for(entry.phase, self.bands)
+        shift to run (s steps). Run all its steps, then call `end_push` with it before the
+        next push."""
+        pushed = self.front.pushed
+        for entry in self.front.enter(payload):
+            band = self.bands[entry.band]
+            band.receive(entry.frame) if entry.position is None else band.place(entry.position, entry.frame)
+        return self.schedule.shift_for(pushed, self.bands)
 
-    def end_push(self, shift: Shift) -> LatentFrame:
+    def end_push(self, shift: Shift) -> LatentFrame | None:
         """The second half of `push`: store the stepped windows, hand each band's cleanest
-        frame on, and return the frame that leaves."""
+        frame on, and return the frame that leaves (None in the first L-1 pushes)."""
         shift.finish()
+        if not self.schedule.hands_over(self.front.pushed - 1):
+            return None
         handed = [band.hand_over() for band in self.bands]
         for band, frame in zip(self.bands[1:], handed):
             band.receive(frame)

@@ -27,9 +27,10 @@ import torch
 
 from dwm.conditions.packed import PackedConditions
 from dwm.models.base import Denoiser, LatentDecoder, TextEmbedding, TextEncoder
-from dwm.pipelines.fifo import Band, Entry, LatentFrame, Phase, QueueFront, QueueSchedule
+from dwm.pipelines.fifo import Band, Entry, LatentFrame, QueueFront, QueueSchedule
 from dwm.pipelines.guidance import FrameContexts, GuidedStep, UnconditionalContexts
-from dwm.pipelines.streaming import decode_views, frame_contexts, run_shifts
+from dwm.pipelines.decode import FrameDecoder
+from dwm.pipelines.streaming import frame_contexts, run_shifts
 
 
 class FrameInputs(NamedTuple):
@@ -47,7 +48,7 @@ class FrameInputs(NamedTuple):
 class SessionFront:
     """A session's side of a staged queue: its `QueueFront` and the text encoder.
 
-    `enter` gives each new frame its noise, its band and its push's phase, with the
+    `enter` gives each new frame its noise and its slot (`QueueFront.enter`), with the
     embedding of the captions of the latest refresh (every `text_interval` frames, encoded
     here once; the encoder caches by caption)."""
 
@@ -58,17 +59,19 @@ class SessionFront:
         self.sent: dict[int, int] = {}  # band -> the version last sent into it from here
         self.empty_text = text_encoder.encode([""] * views)  # the unconditional captions
 
-    def enter(self, conditions: PackedConditions) -> Entry:
+    def enter(self, conditions: PackedConditions) -> tuple[int, list[Entry]]:
+        """The push number of this frame and its entries (the first push's fill all slots)."""
         front = self.front
-        before = front.text
+        before, pushed = front.text, front.pushed
         if front.refresh_text(conditions.captions) and front.text != before:
             self.text, self.version = self.text_encoder.encode(list(front.text)), self.version + 1
-        entry = front.enter(None)
-        new = self.sent.get(entry.band) != self.version
-        self.sent[entry.band] = self.version
-        entry.frame.payload = FrameInputs(
-            replace(conditions, captions=list(front.text)), self.text if new else None, self.version)
-        return entry
+        entries = front.enter(FrameInputs(replace(conditions, captions=list(front.text)), None, self.version))
+        for entry in entries:
+            if entry.frame.payload is not None:  # the new frame, not a slot's noise
+                if self.sent.get(entry.band) != self.version:
+                    self.sent[entry.band] = self.version
+                    entry.frame.payload = entry.frame.payload._replace(text=self.text)
+        return pushed, entries
 
 
 class KnownPrompts(TextEncoder):
@@ -96,7 +99,9 @@ class KnownPrompts(TextEncoder):
 def handed_bytes(frame: LatentFrame) -> int:
     """Bytes of tensor and array data a frame handed between stages carries: its latent, its
     caption embedding and its `PackedConditions`."""
-    inputs: FrameInputs = frame.payload
+    inputs: FrameInputs | None = frame.payload
+    if inputs is None:  # the noise of a slot whose frame comes later
+        return frame.latent.numel() * frame.latent.element_size()
     text = inputs.text.nbytes if inputs.text is not None else 0
     return frame.latent.numel() * frame.latent.element_size() + text + inputs.conditions.nbytes
 
@@ -117,7 +122,7 @@ class BandStage:
     """Band `band` of B of every session's queue, with the denoiser, on one device.
 
     decoder: where frames leave (the last stage), None elsewhere. schedule: the queues';
-    guidance, resolution: as `StreamingPipeline`'s; device, dtype: of the model here (the
+    guidance, resolution, output_size: as `StreamingPipeline`'s; device, dtype: of the model here (the
     bands' latents are float32, see `dwm.pipelines.fifo`). batch_sessions: every session's
     window of a step in one model call (true), or one call each (false: bit for bit the
     calls of one session alone). keep_on_device: frames handed out keep their tensors on this
@@ -125,7 +130,8 @@ class BandStage:
     """
 
     def __init__(self, denoiser: Denoiser, decoder: LatentDecoder | None, band: int, schedule: QueueSchedule, *,
-                 guidance: float = 4.0, resolution=(176, 304), device="cpu", dtype: torch.dtype = torch.float32,
+                 guidance: float = 4.0, resolution=(176, 304), output_size=None, device="cpu",
+                 dtype: torch.dtype = torch.float32,
                  batch_sessions: bool = True, keep_on_device: bool = False):
         if not 0 <= band < schedule.bands:
             raise ValueError(f"band {band} of {schedule.bands}: must be in [0, {schedule.bands})")
@@ -134,6 +140,7 @@ class BandStage:
             raise ValueError(f"stage {band} is the last of {schedule.bands}: it decodes, so it needs the decoder")
         self.decoder = decoder if self.last else None
         self.resolution = tuple(int(n) for n in resolution)
+        self.frames = FrameDecoder(decoder, output_size or self.resolution) if self.last else None
         self.device, self.dtype, self.batch_sessions = torch.device(device), dtype, batch_sessions
         self.keep_on_device = keep_on_device
         self.prompts = KnownPrompts()
@@ -158,10 +165,14 @@ class BandStage:
             raise KeyError(f"stage {self.band} holds no queue for sessions {unknown}; open them first")
 
     @torch.inference_mode()
-    def _receive(self, session_id: str, frame: LatentFrame) -> None:
-        """The frame joins the session's band, with its contexts on this device, built once."""
-        inputs: FrameInputs = frame.payload
+    def _receive(self, session_id: str, frame: LatentFrame, position: int | None = None) -> None:
+        """The frame joins the session's band (appended, or into the slot at `position`
+        that holds its noise), with its contexts on this device, built once."""
+        inputs: FrameInputs | None = frame.payload
         owner = self.sessions[session_id]
+        if inputs is None:  # a slot's noise, its frame to come
+            owner.band.receive(frame)
+            return
         if inputs.text is not None:
             owner.texts[inputs.text_version] = TextEmbedding(
                 inputs.text.tokens.to(self.device), inputs.text.pooled.to(self.device))
@@ -176,7 +187,8 @@ class BandStage:
             self.resolution, self.device, self.dtype,
         )
         contexts = FrameContexts(cond, uncond, inputs._replace(text=text))
-        owner.band.receive(LatentFrame(frame.latent, frame.index, contexts))
+        frame = LatentFrame(frame.latent, frame.index, contexts)
+        owner.band.receive(frame) if position is None else owner.band.place(position, frame)
 
     def take(self, handed: dict[str, LatentFrame]) -> None:
         """The frames the previous stage handed out this round join their sessions' bands."""
@@ -185,35 +197,40 @@ class BandStage:
             self._receive(session_id, frame)
 
     @torch.inference_mode()
-    def step(self, entering: dict[str, LatentFrame], phases: dict[str, Phase]) -> dict[str, LatentFrame | torch.Tensor]:
-        """A round's work: take in `entering` (session -> frame from its front), advance every
-        session whose phase is WARM_UP (N steps, this band's delays) or RUN (s steps), and hand
-        each of those frames out.
+    def step(self, entering: dict[str, list[Entry]], pushes: dict[str, int]) -> dict[str, LatentFrame | torch.Tensor]:
+        """A round's work: take in `entering` (session -> this band's entries from its front),
+        advance every session of `pushes` (session -> the number of its push, 0 for a new
+        stream) s steps, and hand each session's cleanest frame out once its queue does.
 
         Returns session -> the frame for the next stage (`FrameInputs` payload), or, from the
-        last stage, the leaving frame's decoded views (V, 3, H, W) float32 in [0, 1] on the
-        CPU. Unknown sessions are refused by name.
+        last stage, the leaving frame's views (V, h, w, 3) uint8 on the CPU at the output size
+        (all sessions' decoded together, see `dwm.pipelines.decode`). Unknown sessions are
+        refused by name.
         """
-        self._check(set(entering) | set(phases))
-        for session_id, frame in entering.items():
-            self._receive(session_id, frame)
+        self._check(set(entering) | set(pushes))
+        for session_id, entries in entering.items():
+            for entry in entries:
+                self._receive(session_id, entry.frame, entry.position)
         shifts = []
-        for session_id, phase in phases.items():
+        for session_id, pushed in pushes.items():
             owner = self.sessions[session_id]
-            shift = self.schedule.shift_for(phase, [owner.band], self.band)
+            shift = self.schedule.shift_for(pushed, [owner.band], self.band)
             if shift is not None:
-                shifts.append((session_id, owner, shift))
+                shifts.append((session_id, owner, shift, self.schedule.hands_over(pushed)))
         if self.batch_sessions:
-            run_shifts([(owner, shift) for _, owner, shift in shifts])
+            run_shifts([(owner, shift) for _, owner, shift, _ in shifts])
         else:
-            for _, owner, shift in shifts:
+            for _, owner, shift, _ in shifts:
                 run_shifts([(owner, shift)])
         out: dict[str, LatentFrame | torch.Tensor] = {}
-        for session_id, owner, shift in shifts:
+        leaving: dict[str, torch.Tensor] = {}
+        for session_id, owner, shift, hands_over in shifts:
             shift.finish()
+            if not hands_over:
+                continue
             frame = owner.band.hand_over()
             if self.last:
-                out[session_id] = decode_views(self.decoder, self.schedule.leaving(frame))
+                leaving[session_id] = self.schedule.leaving(frame).latent
                 continue
             inputs: FrameInputs = frame.payload.conditions
             text = None  # the next stage has this version's embedding already
@@ -224,4 +241,6 @@ class BandStage:
             # A copy: a view would keep (and carry) its whole band's storage.
             latent = frame.latent.clone() if self.keep_on_device else frame.latent.to("cpu", copy=True)
             out[session_id] = LatentFrame(latent, frame.index, inputs._replace(text=text))
+        if leaving:
+            out.update(zip(leaving, self.frames(list(leaving.values()))))
         return out

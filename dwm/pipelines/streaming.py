@@ -20,7 +20,8 @@ from dwm.conditions.frame import ConditionFrame
 from dwm.config import ConfigError, instantiate
 from dwm.models.base import Denoiser, FrameContext, LatentDecoder, TextEmbedding, TextEncoder
 from dwm.models.checkpoint import build_denoiser
-from dwm.pipelines.fifo import BandedFifoQueue, LatentFrame, ProgressCallback, Shift
+from dwm.pipelines.decode import FrameDecoder
+from dwm.pipelines.fifo import BandedFifoQueue, ProgressCallback, Shift
 from dwm.pipelines.guidance import FrameContexts, GuidedStep, UnconditionalContexts
 
 LATENT_SCALE = 8  # VAE downsampling: latent (h, w) = image (H/8, W/8)
@@ -30,7 +31,8 @@ LATENT_SCALE = 8  # VAE downsampling: latent (h, w) = image (H/8, W/8)
 class GeneratedFrame:
     """One generated multi-view frame.
 
-    images: (V, 3, H, W) float32 in [0, 1] on the CPU, at `pipeline.resolution`.
+    images: (V, h, w, 3) uint8 RGB on the CPU, at `pipeline.output_size` (see
+        `dwm.pipelines.decode`).
     conditions: the frame's conditions (its `sim_time` is the time the frame shows).
     index: 0 for the first frame out of the queue, then 1, 2, ...
     pushed: conditions pushed so far when the frame left (index + queue depth + 1).
@@ -62,20 +64,19 @@ def build_text_encoder(cfg: DictConfig) -> TextEncoder:
 
 
 def build_decoder(cfg: DictConfig) -> LatentDecoder:
-    """The latent decoder of `cfg.model.vae`, on `cfg.device`."""
-    return instantiate(cfg, "model.vae").to(torch.device(cfg.device))
+    """The latent decoder of `cfg.model.vae`, on `cfg.device`, in `cfg.model.vae_dtype`."""
+    device = torch.device(cfg.device)
+    name = cfg.model.get("vae_dtype", "auto")
+    if name == "auto":  # half on a GPU; float32 on a CPU, where half is slow
+        name = "float16" if device.type == "cuda" else "float32"
+    return instantiate(cfg, "model.vae").to(device, _dtype(name, "model.vae_dtype"))
 
 
-def decode_views(decoder: LatentDecoder, frame: LatentFrame) -> torch.Tensor:
-    """The views of a frame leaving the queue: latent (V, C, h, w) float32 at sigma 0 ->
-    images (V, 3, H, W) float32 in [0, 1] on the CPU."""
-    return decoder.decode(frame.latent.float()).float().cpu()
-
-
-def _dtype(name: str) -> torch.dtype:
+def _dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     allowed = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in allowed:
-        raise ConfigError(f"model.dtype={name}: allowed {', '.join(allowed)}")
+        extra = ", auto" if key == "model.vae_dtype" else ""
+        raise ConfigError(f"{key}={name}: allowed {', '.join(allowed)}{extra}")
     return allowed[name]
 
 
@@ -108,7 +109,8 @@ class StreamingPipeline:
     """The denoising queue of one session with the model around it.
 
     steps, window, bands: the queue (N, T, B); guidance: CFG scale (1.0 turns it off);
-    resolution: (H, W) of condition images and decoded views; text_interval: frames between
+    resolution: (H, W) of condition images and decoded views; output_size: (h, w) of the
+    published views (`GeneratedFrame.images`); text_interval: frames between
     caption encodings; seed: the queue's noise; device, dtype: of the denoiser (the queue's
     latents are float32 whatever it is, see `dwm.pipelines.fifo`). batch_bands:
     the B windows of a shift in one model call (true), or one call per band (false: the
@@ -129,6 +131,7 @@ class StreamingPipeline:
         shift: float = 3.0,
         train_steps: int = 1000,
         resolution: tuple[int, int] = (176, 304),
+        output_size: tuple[int, int] | None = None,
         text_interval: int = 4,
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -140,6 +143,7 @@ class StreamingPipeline:
             raise ValueError(f"pipeline.resolution={[height, width]} must be multiples of {LATENT_SCALE}")
         self.denoiser, self.text_encoder, self.decoder = denoiser, text_encoder, decoder
         self.resolution = (height, width)
+        self.frames = FrameDecoder(decoder, output_size or self.resolution)
         self.device, self.dtype = torch.device(device), dtype
         self.queue = BandedFifoQueue(
             steps, window, bands, frame_shape(views, denoiser.latent_channels, self.resolution),
@@ -176,7 +180,7 @@ class StreamingPipeline:
                 model.decoder,
                 views=views, steps=p.steps, window=p.window, bands=p.bands,
                 guidance=p.guidance, shift=p.shift, train_steps=p.train_steps,
-                resolution=tuple(p.resolution), text_interval=p.text_interval,
+                resolution=tuple(p.resolution), output_size=tuple(p.output_size), text_interval=p.text_interval,
                 seed=cfg.seed if seed is None else seed, device=device, dtype=dtype,
                 batch_bands=p.batch_bands,
             )
@@ -201,7 +205,7 @@ class StreamingPipeline:
         """Add a frame's conditions; returns the frames that leave the queue (zero or one)."""
         return push_many([(self, frame)], on_step)[0]
 
-    def _begin(self, frame: ConditionFrame) -> Shift | None:
+    def _begin(self, frame: ConditionFrame) -> Shift:
         """The per-frame work of a push (text, frame contexts) and the queue's shift to run."""
         front = self.queue.front
         if front.refresh_text(frame.captions):
@@ -228,13 +232,13 @@ def push_many(
 ) -> list[list[GeneratedFrame]]:
     """Push one frame into each of several queues (driving sessions) and run their model work
     together: per Euler step, one denoiser call on the windows of every queue that still has
-    steps in this push. The frames that leave are decoded one by one: decoding the views of
-    several frames in one call was 1.8x slower on a 2-core CPU (12 views at once against 4 x 3,
-    tiny VAE), where larger activations fall out of the caches.
+    steps in this push. The frames that leave are decoded together where queues share a
+    decoder and an output size (one call on a GPU, see `dwm.pipelines.decode`).
 
     Queues that share a denoiser and a latent frame shape are batched (continuous batching:
-    a queue warming up takes N steps, the others s, so it runs on alone after their s steps;
-    a queue joining or leaving changes the batch, never another queue's frames). Returns,
+    every push of every queue is s steps, a new queue's warm-up included, so a queue joining
+    adds rows to the round's calls and never calls of its own; a queue joining or leaving
+    changes the batch, never another queue's frames). Returns,
     per push, the frames leaving that queue (zero or one), exactly as `push` one by one would
     up to the rounding of a larger batch. on_step(done, total): after each round of calls.
     """
@@ -245,16 +249,18 @@ def push_many(
     running = [(p, s) for p, s in zip(pipelines, shifts) if s is not None]
     run_shifts(running, on_step)
 
-    leaving: dict[int, LatentFrame] = {}
-    for p, s in running:
-        leaving[id(p)] = p.queue.end_push(s)
+    leaving = [(p, frame) for p, s in running if (frame := p.queue.end_push(s)) is not None]
+    views: dict[int, torch.Tensor] = {}
+    for group in _batches(leaving, lambda item: (id(item[0].decoder), item[0].frames.output_size)):
+        decoded = group[0][0].frames([frame.latent for _, frame in group])
+        views.update({id(p): images for (p, _), images in zip(group, decoded)})
     out: list[list[GeneratedFrame]] = []
-    for pipeline in pipelines:
-        frame = leaving.get(id(pipeline))
+    for pipeline, _ in pushes:
+        frame = next((f for p, f in leaving if p is pipeline), None)
         if frame is None:
             out.append([])
             continue
-        out.append([pipeline._generated(decode_views(pipeline.decoder, frame), frame.payload.conditions)])
+        out.append([pipeline._generated(views[id(pipeline)], frame.payload.conditions)])
     return out
 
 

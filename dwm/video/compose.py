@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,15 +10,11 @@ import torch.nn.functional as F
 OVERLAY_OPACITY = 0.6
 
 
-def compose_strip(
-    views: torch.Tensor,
-    output_size: Sequence[int],
-    layout: torch.Tensor | None = None,
-) -> np.ndarray:
+def compose_strip(views: torch.Tensor | np.ndarray, layout: torch.Tensor | None = None) -> np.ndarray:
     """Put the V views side by side, left to right in rig order, optionally with the layout.
 
-    views: (V, 3, H, W) float in [0, 1], the decoded RGB views (values outside are clipped).
-    output_size: [h, w], the size of each view in the strip (config `pipeline.output_size`).
+    views: (V, h, w, 3) uint8 RGB at the output size (`GeneratedFrame.images`, made by
+        `dwm.pipelines.decode`; `to_uint8_views` turns float images into these).
     layout: optional (V, 6, H', W') float in [0, 1], box image channels then map image
         channels (`ConditionFrame.layout`). It is drawn over the views with the reference's
         preview rule: cond = max(box, map) per pixel and channel, nearest-resized to [h, w];
@@ -28,33 +22,25 @@ def compose_strip(
 
     Returns the strip, (h, V * w, 3) uint8, C-contiguous (ready for the encoder).
     """
-    h, w = _check_output_size(output_size)
-    if not isinstance(views, torch.Tensor) or views.ndim != 4 or views.shape[1] != 3:
+    if isinstance(views, torch.Tensor):
+        views = views.detach().cpu().numpy()
+    if not isinstance(views, np.ndarray) or views.ndim != 4 or views.shape[-1] != 3 or views.dtype != np.uint8:
         raise ValueError(
-            f"views must be a (V, 3, H, W) tensor of RGB images, got "
-            f"{tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__}"
+            "views must be (V, h, w, 3) uint8 RGB views, got "
+            f"{(tuple(views.shape), str(views.dtype)) if isinstance(views, np.ndarray) else type(views).__name__}"
         )
-    num_views = views.shape[0]
+    num_views, h, w, _ = views.shape
     if num_views == 0:
         raise ValueError("views must hold at least one view, got V = 0")
-
-    with torch.no_grad():
-        img = views.detach().to("cpu", torch.float32)
-        if img.shape[-2:] != (h, w):
-            # Bilinear with antialiasing matches PIL's bilinear resize (the reference resizes
-            # PIL images), also when shrinking.
-            img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        cond = None if layout is None else _layout_condition(layout, num_views, h, w)
+    strip = np.ascontiguousarray(views.transpose(1, 0, 2, 3)).reshape(h, num_views * w, 3)
+    if layout is None:
+        return strip
 
     # The per-pixel work runs in numpy, in place on two strip-sized buffers: torch's thread
     # pool costs more than it saves on arrays this small, most of all on busy CPUs.
-    strip = _to_strip(img.numpy())  # (h, V*w, 3) float32, a copy
-    np.clip(strip, 0.0, 1.0, out=strip)
-    strip *= 255.0
-    np.rint(strip, out=strip)  # the view as uint8 values, as the reference blends them
-    if cond is None:
-        return strip.astype(np.uint8)
-
+    with torch.no_grad():
+        cond = _layout_condition(layout, num_views, h, w)
+    blended = strip.astype(np.float32)
     overlay = _to_strip(cond)  # (h, V*w, 3) float32
     np.clip(overlay, 0.0, 1.0, out=overlay)
     # (h, V*w, 1); pairwise, as numpy reduces slowly over a 3-long last axis.
@@ -63,10 +49,10 @@ def compose_strip(
     overlay *= 255.0
     overlay *= alpha
     np.subtract(1.0, alpha, out=alpha)
-    strip *= alpha
-    strip += overlay
+    blended *= alpha
+    blended += overlay
     # At most 255 (a convex blend of values <= 255); truncated like the reference's astype.
-    return strip.astype(np.uint8)
+    return blended.astype(np.uint8)
 
 
 def _to_strip(images: np.ndarray) -> np.ndarray:
@@ -92,13 +78,3 @@ def _layout_condition(layout: torch.Tensor, num_views: int, h: int, w: int) -> n
         # torch's nearest, as the reference: source index floor(i * in / out).
         cond = F.interpolate(torch.from_numpy(cond), size=(h, w), mode="nearest").numpy()
     return cond
-
-
-def _check_output_size(output_size: Sequence[int]) -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in output_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"output_size must be [height, width], got {output_size!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"output_size must be two positive sizes [height, width], got {list(output_size)!r}")
-    return h, w
