@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dwm.config import ConfigError, instantiate, require_file
+from dwm.models.compiled import compile_denoiser
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -151,7 +152,9 @@ def build_denoiser(cfg: DictConfig, device: torch.device, dtype: torch.dtype) ->
     `model.checkpoint` set: built on the meta device (no memory, no random init) and given the
     file's tensors, strictly. Not set: seeded random weights, allowed only where the config
     says so (`model.random_weights`: the tiny model, benchmarks of the real size).
-    `model.compile`: torch.compile the forward (the same outputs, faster after a warm-up).
+    `model.compile`: compile its repeated blocks, calls padded to buckets of windows
+    (`dwm.models.compiled`; the same outputs to rounding, faster after a warm-up);
+    `model.compile_mode`, `model.compile_backend`: torch.compile's mode and backend.
     """
     m = cfg.model
     checkpoint = OmegaConf.select(m, "checkpoint")
@@ -174,5 +177,9 @@ def build_denoiser(cfg: DictConfig, device: torch.device, dtype: torch.dtype) ->
         raise ConfigError(_NO_CHECKPOINT.format(name=m.name))
     denoiser.eval().requires_grad_(False)
     if OmegaConf.select(m, "compile", default=False):
-        denoiser.forward = torch.compile(denoiser.forward, dynamic=False)
+        mode = OmegaConf.select(m, "compile_mode", default="default")
+        try:
+            compile_denoiser(denoiser, mode, OmegaConf.select(m, "compile_backend", default="inductor"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return denoiser

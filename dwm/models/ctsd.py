@@ -273,6 +273,10 @@ class CrossviewTemporalDiT(Denoiser):
                 "camera_embedding": self.view_embedding(camera.reshape(views, -1)),
             }
 
+    def regions(self) -> list[nn.Module]:
+        """The repeated blocks, the units `model.compile` compiles (see `dwm.models.compiled`)."""
+        return [*self.transformer_blocks, *self.temporal_transformer_blocks, *self.crossview_transformer_blocks]
+
     def forward(
         self, latents: torch.Tensor, timesteps: torch.Tensor, context: FrameContext
     ) -> torch.Tensor:
