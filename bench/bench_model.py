@@ -95,6 +95,55 @@ def count_flops(cfg) -> tuple[float, float, float]:
     return tuple(counts)
 
 
+def measure_call(cfg, device: torch.device, dtype: torch.dtype, repeats: int = 5, compile: bool = False,
+                 compile_mode: str = "default", compile_backend: str = "inductor", model=None,
+                 matmul_n: int | None = None) -> dict:
+    """One model call at the reference settings on `device` in `dtype`, and the same-run matmul.
+
+    cfg: a `model=ctsd_35_xs` config (its denoiser's size); model: that denoiser already built
+    (random weights are drawn here otherwise). Returns call_s (median), first_s (the first call,
+    with compiling), call_flops, context_flops, adapter36_flops, achieved and matmul TFLOP/s,
+    matmul_n (default 8192 on CUDA, 2048 on a CPU), params, peak (text)."""
+    call_flops, context_flops, adapter36_flops = count_flops(cfg)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if model is None:
+        with torch.device(device):
+            model = instantiate(cfg, "model.denoiser")
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    params = sum(p.numel() for p in model.parameters())
+    if compile:
+        compile_denoiser(model, compile_mode, compile_backend)
+    _, (latents, timesteps, ctx) = inputs(model, device, dtype)
+
+    def call():
+        with torch.inference_mode():
+            model(latents, timesteps, ctx)
+
+    start = time.perf_counter()
+    call()  # the first call: compiles, when compiled
+    sync(device)
+    first_s = time.perf_counter() - start
+    seconds = timed(call, device, repeats, warmup=2 if compile else 0)
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated (model + one call)"
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = f"{rss:.0f} MB peak RSS ({rss - rss_before:+.0f} MB for model + one call)"
+
+    n = matmul_n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    matmul_s = timed(lambda: a @ b, device, repeats)
+    return {
+        "call_s": seconds, "first_s": first_s, "call_flops": call_flops, "context_flops": context_flops,
+        "adapter36_flops": adapter36_flops, "achieved_tflops": call_flops / seconds / 1e12,
+        "matmul_tflops": 2 * n**3 / matmul_s / 1e12, "matmul_n": n, "params": params, "peak": peak,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="reduced")
@@ -112,55 +161,25 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
     cfg = compose(["model=ctsd_35_xs", "model.random_weights=true", *SIZES[args.size]])
-    call_flops, context_flops, adapter36_flops = count_flops(cfg)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.device(device):
-        model = instantiate(cfg, "model.denoiser")
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    params = sum(p.numel() for p in model.parameters())
-    if args.compile:
-        compile_denoiser(model, args.compile_mode, args.compile_backend)
-    _, (latents, timesteps, ctx) = inputs(model, device, dtype)
-
-    def call():
-        with torch.inference_mode():
-            model(latents, timesteps, ctx)
-
-    start = time.perf_counter()
-    call()  # the first call: compiles, when compiled
-    sync(device)
-    first_s = time.perf_counter() - start
-    seconds = timed(call, device, args.repeats, warmup=2 if args.compile else 0)
-    if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated (model + one call)"
-    else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak = f"{rss:.0f} MB peak RSS ({rss - rss_before:+.0f} MB for model + one call)"
-
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    matmul_s = timed(lambda: a @ b, device, args.repeats)
-    matmul_tflops = 2 * n**3 / matmul_s / 1e12
-    achieved = call_flops / seconds / 1e12
+    r = measure_call(cfg, device, dtype, args.repeats, args.compile, args.compile_mode, args.compile_backend)
+    seconds, achieved, matmul_tflops, n = r["call_s"], r["achieved_tflops"], r["matmul_tflops"], r["matmul_n"]
+    call_flops, context_flops, adapter36_flops = r["call_flops"], r["context_flops"], r["adapter36_flops"]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device {device} ({name}), {dtype}, torch {torch.__version__}, size {args.size} "
-          f"({params / 1e9:.3f} B params), compile {args.compile}"
+          f"({r['params'] / 1e9:.3f} B params), compile {args.compile}"
           f"{f' ({args.compile_mode}, {args.compile_backend})' if args.compile else ''}")
     print("| what | value |")
     print("|---|---|")
     print(f"| FLOP per call (36 images, exact count) | {call_flops / 1e12:.3f} T |")
     print(f"| time per call (median of {args.repeats}) | {seconds * 1e3:.1f} ms |")
-    print(f"| first call{' (with compiling)' if args.compile else ''} | {first_s:.1f} s |")
+    print(f"| first call{' (with compiling)' if args.compile else ''} | {r['first_s']:.1f} s |")
     print(f"| achieved | {achieved:.3f} TFLOP/s |")
     print(f"| baseline: {n}x{n} matmul, same run | {matmul_tflops:.3f} TFLOP/s |")
     print(f"| model / matmul | {achieved / matmul_tflops:.2f} |")
     if args.peak_tflops:
         print(f"| MFU (of {args.peak_tflops:g} TFLOP/s peak) | {100 * achieved / args.peak_tflops:.1f}% |")
-    print(f"| peak memory | {peak} |")
+    print(f"| peak memory | {r['peak']} |")
     per_frame = 4 * call_flops + context_flops
     reference = 4 * (call_flops + adapter36_flops)
     print(f"| FLOP per output frame (4 calls + 1 frame context) | {per_frame / 1e12:.2f} T |")

@@ -1,13 +1,13 @@
 """The SD3.5 text encoders and VAE, read from a local SD3.5 folder.
 
-The test writes such a folder itself: CLIP-L, CLIP-G and T5 of the real classes at the real
-widths (768, 1280, 4096) but with one or two layers, tokenizers over a small vocabulary, and
-an SD3-layout VAE at a tiny width; then it loads them the way `model=ctsd_35_xs` does.
+The test writes such a folder itself (`dwm.models.stand_in`): CLIP-L, CLIP-G and T5 of the real
+classes at the real widths (768, 1280, 4096) but with one or two layers, tokenizers over a
+small vocabulary, and an SD3-layout VAE at a tiny width; then it loads them the way
+`model=ctsd_35_xs` does.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,60 +15,14 @@ import torch
 
 from dwm.config import ConfigError
 from dwm.models.sd3_text import SD3TextEncoder
+from dwm.models.stand_in import write_sd35_folder
 from dwm.models.vae import LATENT_CHANNELS, SD35Vae, TinySD3Vae
 
 transformers = pytest.importorskip("transformers", reason="the SD3.5 text encoders need transformers")
 
-WORDS = ["a", "car", "road", "rain", "night", "at", "daytime", "clear", "sky"]
-
-
-def _clip(folder: Path, sub: str, tokenizer_sub: str, width: int, vocab: dict) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=width, projection_dim=width, intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )
-    torch.manual_seed(len(sub))
-    CLIPTextModelWithProjection(config).save_pretrained(folder / sub)
-    d = folder / tokenizer_sub
-    d.mkdir(parents=True)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), pad_token="<|endoftext|>").save_pretrained(d)
-
-
-def _t5(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    words = ["<pad>", "</s>", "<unk>", *WORDS]
-    config = T5Config(vocab_size=len(words), d_model=4096, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    torch.manual_seed(3)
-    T5EncoderModel(config).save_pretrained(folder / "text_encoder_3")
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>").save_pretrained(
-        folder / "tokenizer_3"
-    )
-
-
 @pytest.fixture(scope="module")
 def sd35(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sd3.5-medium")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in letters:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    _clip(folder, "text_encoder", "tokenizer", 768, vocab)
-    _clip(folder, "text_encoder_2", "tokenizer_2", 1280, vocab)
-    _t5(folder)
-    TinySD3Vae(seed=4).vae.save_pretrained(folder / "vae")
-    return folder
+    return write_sd35_folder(tmp_path_factory.mktemp("sd3.5-medium"))
 
 
 @pytest.fixture(scope="module")
