@@ -113,7 +113,8 @@ class ServeRun:
         return body["id"]
 
     def stats(self, session_id: str) -> dict:
-        return requests.get(f"{self.base}/sessions/{session_id}", timeout=60).json()["stats"]
+        return requests.get(f"{self.base}/sessions/{session_id}", timeout=60,
+                            headers={"Authorization": f"Bearer {self.tokens[session_id]}"}).json()["stats"]
 
     def delete_all(self) -> None:
         for session_id, token in list(self.tokens.items()):

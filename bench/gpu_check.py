@@ -263,7 +263,7 @@ def serve_app(args, overrides: list[str], report: Report) -> None:
         ):
             for s in sessions:
                 http("POST", f"{base}/sessions/{s['id']}/control", {"steer": steer, "autopilot": False}, s["token"])
-                stats[s["id"]] = http("GET", f"{base}/sessions/{s['id']}")["stats"]
+                stats[s["id"]] = http("GET", f"{base}/sessions/{s['id']}", token=s["token"])["stats"]
             steer = -steer
             time.sleep(1.0)
         for s in sessions:

@@ -101,6 +101,9 @@ def check(cfg: DictConfig) -> None:
             f"serve.stage.compiled_graph={s.stage.compiled_graph}: allowed true (Ray Compiled Graphs), "
             "false (plain Ray calls) or auto (true where the stages have GPUs)"
         )
+    if not isinstance(s.public_viewing, bool):
+        raise ConfigError(f"serve.public_viewing={s.public_viewing}: must be true (anyone may see every session) "
+                          "or false (a session is seen with its driver's or a viewer's token)")
     if s.record_dir is not None and not isinstance(s.record_dir, str):
         raise ConfigError(f"serve.record_dir={s.record_dir}: must be a folder path or null")
     p = cfg.pipeline

@@ -23,6 +23,7 @@ from deployments.schemas import (
     ErrorAnswer,
     SessionCreated,
     SessionOptions,
+    SessionShared,
     SessionState,
     allowed_values,
 )
@@ -213,6 +214,16 @@ def _bearer(authorization: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+# Where a session is seen (state, video, layout), the token may come in the URL too: players
+# (ffplay, VLC) and an <img> cannot send a header.
+TOKEN_QUERY = Query(None, max_length=256, description="the driver's or a viewer's token, for clients that cannot "
+                    "send `Authorization: Bearer <token>` (the header wins when both are given)")
+
+
+def _seeing(authorization: str | None, token: str | None) -> str | None:
+    return _bearer(authorization) or token or None
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
@@ -251,18 +262,30 @@ class Ingress:
         created = await self._call("create", (options or SessionOptions()).model_dump())
         return {**created, "streams": self._absolute(request, created["streams"])}
 
-    @api.get("/sessions", response_model=list[SessionState], summary="All driving sessions", responses=_errors(413))
-    async def list_sessions(self, request: Request):
-        states = await self._call("list")
+    @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422),
+             summary="The driving sessions the token given may see (all of them with serve.public_viewing)")
+    async def list_sessions(self, request: Request, authorization: str | None = Header(None),
+                            token: str | None = TOKEN_QUERY):
+        states = await self._call("list", _seeing(authorization, token))
         return [{**s, "streams": self._absolute(request, s["streams"])} for s in states]
 
     @api.get(
         "/sessions/{session_id}", response_model=SessionState, summary="A session's state and stats",
-        responses=_errors(404, 413, 422),
+        responses=_errors(401, 403, 404, 413, 422),
     )
-    async def get_session(self, session_id: str, request: Request):
-        state = await self._call("get", session_id)
+    async def get_session(self, session_id: str, request: Request, authorization: str | None = Header(None),
+                          token: str | None = TOKEN_QUERY):
+        state = await self._call("get", session_id, _seeing(authorization, token))
         return {**state, "streams": self._absolute(request, state["streams"])}
+
+    @api.post(
+        "/sessions/{session_id}/share", response_model=SessionShared, status_code=201,
+        summary="A read-only viewer token for the session, and its stream URLs with it (the driver only)",
+        responses=_errors(401, 403, 404, 413, 422),
+    )
+    async def share(self, session_id: str, request: Request, authorization: str | None = Header(None)):
+        shared = await self._call("share", session_id, _bearer(authorization))
+        return {**shared, "streams": self._absolute(request, shared["streams"])}
 
     @api.post(
         "/sessions/{session_id}/control", response_model=ControlState, summary="Drive: merge into the sticky control",
@@ -285,10 +308,10 @@ class Ingress:
         "/sessions/{session_id}/video.mjpg",
         summary="The session's live video: multipart/x-mixed-replace JPEG frames",
         response_class=StreamingResponse,
-        responses=_errors(404, 413, 422),
+        responses=_errors(401, 403, 404, 413, 422),
     )
-    async def video(self, session_id: str):
-        await self._call("get", session_id)  # 404 before the stream starts
+    async def video(self, session_id: str, authorization: str | None = Header(None), token: str | None = TOKEN_QUERY):
+        await self._call("get", session_id, _seeing(authorization, token))  # 404 or 401/403 before the stream
 
         async def parts():
             after = -1
@@ -322,11 +345,12 @@ class Ingress:
         summary="The newest conditions' layout images side by side (what the model is asked to draw)",
         responses={
             200: {"content": {"image/png": {}}}, 204: {"description": "no conditions yet"},
-            **_errors(404, 413, 422),
+            **_errors(401, 403, 404, 413, 422),
         },
     )
-    async def layout(self, session_id: str, kind: str = Query("both", description="map, boxes or both")):
-        png = await self._call("layout_png", session_id, kind)
+    async def layout(self, session_id: str, kind: str = Query("both", description="map, boxes or both"),
+                     authorization: str | None = Header(None), token: str | None = TOKEN_QUERY):
+        png = await self._call("layout_png", session_id, kind, _seeing(authorization, token))
         if png is None:
             return Response(status_code=204)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -47,13 +47,22 @@ class SessionOptions(BaseModel):
 
 
 class Streams(BaseModel):
-    mjpeg: str = Field(description="multipart/x-mixed-replace JPEG stream of the session's video")
+    mjpeg: str = Field(description="multipart/x-mixed-replace JPEG stream of the session's video; its URL carries "
+                       "a read-only viewer token (`?token=`), never the driver's, so it can go to a player as it is")
     rtsp: str | None = Field(description="RTSP path the video is pushed to (config stream.rtsp.url), or null")
 
 
 class SessionCreated(BaseModel):
     id: str
-    token: str = Field(description="send as `Authorization: Bearer <token>` to control or delete the session")
+    token: str = Field(description="the driver's token: send as `Authorization: Bearer <token>` to control, "
+                       "delete, share or see the session (sessions are private)")
+    streams: Streams
+
+
+class SessionShared(BaseModel):
+    id: str
+    token: str = Field(description="a read-only viewer token: `Authorization: Bearer <token>` or `?token=<token>` "
+                       "sees the session's state, video and layout, and nothing else")
     streams: Streams
 
 

@@ -42,6 +42,7 @@ from dwm.world.base import VehicleControl, WorldUnavailableError
 log = logging.getLogger("ray.serve")
 
 LAYOUT_KINDS = ("map", "boxes", "both")
+MAX_VIEW_TOKENS = 64  # viewer tokens per session (its own included)
 
 
 def new_session_id(taken: Container[str], draw: Callable[[], str] = lambda: secrets.token_hex(8)) -> str:
@@ -55,7 +56,12 @@ def new_session_id(taken: Container[str], draw: Callable[[], str] = lambda: secr
 
 class ServedSession:
     """A driving session as the app serves it: the `DrivingSession` (control, frames, stats)
-    with what HTTP needs around it: its id, token, options, publisher and stream paths."""
+    with what HTTP needs around it: its id, tokens, options, publisher and stream paths.
+
+    Two kinds of token: the driver's (`token`: drive, end, share, and see), and read-only
+    viewer tokens (`view_tokens`: see the state, video and layout). The first viewer token is
+    minted with the session and goes into its stream URLs (`?token=`), so a URL handed to a
+    player never carries the driver's token; `POST /sessions/{id}/share` mints more."""
 
     def __init__(
         self,
@@ -68,14 +74,32 @@ class ServedSession:
     ):
         self.id, self.token, self.session = session_id, token, session
         self.publisher, self.options, self.rtsp_url = publisher, options, rtsp_url
+        self.watch = secrets.token_urlsafe(18)  # the viewer token of the session's own stream URLs
+        self.view_tokens: set[str] = {self.watch}
         self.created = time.time()
         self.control_lock = asyncio.Lock()  # one control merge at a time
 
-    def streams(self) -> dict:
-        return {"mjpeg": f"/sessions/{self.id}/video.mjpg", "rtsp": self.rtsp_url}
+    def streams(self, view_token: str | None = None) -> dict:
+        """The stream paths; view_token: a viewer token put into the MJPEG URL (None: none)."""
+        query = f"?token={view_token}" if view_token else ""
+        return {"mjpeg": f"/sessions/{self.id}/video.mjpg{query}", "rtsp": self.rtsp_url}
 
-    def state(self, sim_time: float, world_error: str | None = None) -> dict:
-        """The session's answer (`schemas.SessionState`); sim_time: the world's now."""
+    def may_drive(self, token: str | None) -> bool:
+        # Compared as bytes: compare_digest raises TypeError for non-ASCII str, and any
+        # malformed token is simply not the session's.
+        return bool(token) and secrets.compare_digest(token.encode("utf-8", "surrogatepass"), self.token.encode("utf-8"))
+
+    def view_token_for(self, token: str | None) -> str | None:
+        """The viewer token that `token` opens this session with: the driver's token opens it
+        with the session's own; a viewer token with itself; anything else with none."""
+        if self.may_drive(token):
+            return self.watch
+        given = token.encode("utf-8", "surrogatepass") if token else b""
+        return next((v for v in self.view_tokens if token and secrets.compare_digest(given, v.encode("utf-8"))), None)
+
+    def state(self, sim_time: float, world_error: str | None = None, view_token: str | None = None) -> dict:
+        """The session's answer (`schemas.SessionState`); sim_time: the world's now; view_token:
+        the viewer token in its stream URLs."""
         stats = self.session.stats(sim_time)
         if world_error:
             state = "world unavailable"
@@ -90,7 +114,7 @@ class ServedSession:
             "created": self.created,
             "options": self.options,
             "control": self.session.control_state(),
-            "streams": self.streams(),
+            "streams": self.streams(view_token),
             "stats": {
                 **asdict(stats),
                 "fps": round(stats.fps, 3),
@@ -126,6 +150,9 @@ class SessionManager:
         self.cfg: DictConfig = OmegaConf.create(cfg)
         self.world, self.denoiser = world, denoiser
         self.sessions: dict[str, ServedSession] = {}
+        # Sessions are private: seeing one takes its driver's or a viewer's token, unless this
+        # says anyone may (a local demo).
+        self.public_viewing = bool(self.cfg.serve.get("public_viewing", False))
         self.sim_time = 0.0
         self.rounds = 0
         self._starting = 0  # sessions being set up, counted against max_sessions
@@ -303,15 +330,33 @@ class SessionManager:
         self.sessions[session_id] = served
         self._wake.set()
         log.info("driving session %s started (ego %s)", session_id, ego_id)
-        return {"id": session_id, "token": token, "streams": served.streams()}
+        return {"id": session_id, "token": token, "streams": served.streams(served.watch)}
 
     @refusals
-    def list(self) -> list[dict]:
-        return [s.state(self.sim_time, self.world_error) for s in self.sessions.values()]
+    def list(self, token: str | None = None) -> list[dict]:
+        """The sessions `token` may see (every one with serve.public_viewing)."""
+        out = []
+        for s in self.sessions.values():
+            view_token = s.view_token_for(token)
+            if view_token or self.public_viewing:
+                out.append(s.state(self.sim_time, self.world_error, view_token))
+        return out
 
     @refusals
-    def get(self, session_id: str) -> dict:
-        return self._served(session_id).state(self.sim_time, self.world_error)
+    def get(self, session_id: str, token: str | None = None) -> dict:
+        served, view_token = self._viewed(session_id, token)
+        return served.state(self.sim_time, self.world_error, view_token)
+
+    @refusals
+    def share(self, session_id: str, token: str | None) -> dict:
+        """A new read-only token for the session (its driver only) and the stream URLs with it."""
+        served = self._authorised(session_id, token)
+        if len(served.view_tokens) >= MAX_VIEW_TOKENS:
+            raise InvalidRequest(f"driving session {session_id!r} has {MAX_VIEW_TOKENS} viewer links already, "
+                                 "the most it may have", loc=("path", "session_id"))
+        view_token = secrets.token_urlsafe(18)
+        served.view_tokens.add(view_token)
+        return {"id": session_id, "token": view_token, "streams": served.streams(view_token)}
 
     @refusals
     async def control(self, session_id: str, token: str | None, changes: dict) -> dict:
@@ -369,10 +414,10 @@ class SessionManager:
             publisher.viewers -= 1
 
     @refusals
-    async def layout_png(self, session_id: str, kind: str) -> bytes | None:
+    async def layout_png(self, session_id: str, kind: str, token: str | None = None) -> bytes | None:
         """The newest conditions' layout images side by side (PNG, model resolution), or None
         before the first. kind: map, boxes or both (max of the two, as the model sees them)."""
-        served = self._served(session_id)  # an unknown session is 404 whatever the kind
+        served, _ = self._viewed(session_id, token)  # an unknown session is 404 whatever the kind
         if kind not in LAYOUT_KINDS:
             shown = repr(kind) if len(kind) <= 64 else f"{kind[:64]!r}...({len(kind)} chars)"
             raise InvalidRequest(f"kind={shown}: allowed {', '.join(LAYOUT_KINDS)}", loc=("query", "kind"))
@@ -400,11 +445,20 @@ class SessionManager:
         served = self._served(session_id)
         if not token:
             raise MissingToken("this needs the session's token: send the header `Authorization: Bearer <token>`")
-        # Compared as bytes: compare_digest raises TypeError for non-ASCII str, and any
-        # malformed token is simply not the session's.
-        if not secrets.compare_digest(token.encode("utf-8", "surrogatepass"), served.token.encode("utf-8")):
+        if not served.may_drive(token):
             raise WrongToken(f"the token is not the one of driving session {session_id!r}")
         return served
+
+    def _viewed(self, session_id: str, token: str | None) -> tuple[ServedSession, str | None]:
+        """The session if `token` may see it, and the viewer token for its stream URLs."""
+        served = self._served(session_id)
+        view_token = served.view_token_for(token)
+        if view_token or self.public_viewing:
+            return served, view_token
+        if not token:
+            raise MissingToken(f"driving session {session_id!r} is private: send its token (the header "
+                               "`Authorization: Bearer <token>`, or `?token=<token>` in the URL)")
+        raise WrongToken(f"the token is neither the driver's nor a viewer's of driving session {session_id!r}")
 
     async def _release(self, served: ServedSession) -> None:
         """Give back the session's ego, queue state and stream (each even if another fails)."""

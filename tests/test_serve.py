@@ -59,8 +59,11 @@ class Server:
         self.tokens[body["id"]] = body["token"]
         return body
 
+    def auth(self, session_id: str) -> dict:
+        return {"Authorization": f"Bearer {self.tokens[session_id]}"}
+
     def state(self, session_id: str) -> dict:
-        r = requests.get(f"{self.base}/sessions/{session_id}", timeout=30)
+        r = requests.get(f"{self.base}/sessions/{session_id}", headers=self.auth(session_id), timeout=30)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -92,7 +95,8 @@ class Server:
     def front_map(self, session_id: str) -> np.ndarray:
         """The front camera's map layout of the newest conditions: (H, W) bool, lines True."""
         r = eventually(
-            lambda: (r := requests.get(f"{self.base}/sessions/{session_id}/layout.png?kind=map", timeout=30))
+            lambda: (r := requests.get(f"{self.base}/sessions/{session_id}/layout.png?kind=map",
+                                       headers=self.auth(session_id), timeout=30))
             .status_code == 200 and r,
             "a layout",
         )
@@ -191,7 +195,7 @@ class MjpegReader:
 
 
 def read_frames(server: Server, session_id: str, n: int) -> list[tuple[dict, np.ndarray]]:
-    reader = MjpegReader(f"{server.base}/sessions/{session_id}/video.mjpg")
+    reader = MjpegReader(server.state(session_id)["streams"]["mjpeg"])  # its URL carries a viewer token
     try:
         return [reader.next_frame() for _ in range(n)]
     finally:
@@ -204,7 +208,8 @@ def read_frames(server: Server, session_id: str, n: int) -> list[tuple[dict, np.
 def test_two_sessions_at_once_each_get_their_own_mjpeg_video(api):
     a, b = api.create(), api.create()
     assert a["id"] != b["id"] and a["token"] != b["token"]
-    assert a["streams"]["mjpeg"] == f"{api.base}/sessions/{a['id']}/video.mjpg"
+    url, _, query = a["streams"]["mjpeg"].partition("?token=")
+    assert url == f"{api.base}/sessions/{a['id']}/video.mjpg" and query and query != a["token"]
 
     for session in (a, b):
         frames = read_frames(api, session["id"], 3)
@@ -213,9 +218,11 @@ def test_two_sessions_at_once_each_get_their_own_mjpeg_video(api):
         for _, image in frames:
             assert image.shape == (VIEW_H, VIEWS * VIEW_W, 3)
 
-    listed = requests.get(f"{api.base}/sessions", timeout=30).json()
-    assert {s["id"] for s in listed} == {a["id"], b["id"]}
-    assert all("token" not in s for s in listed)
+    # Each driver sees their own session in the list, nobody sees anything without a token.
+    for session in (a, b):
+        listed = requests.get(f"{api.base}/sessions", headers=api.auth(session["id"]), timeout=30).json()
+        assert [s["id"] for s in listed] == [session["id"]] and "token" not in listed[0]
+    assert requests.get(f"{api.base}/sessions", timeout=30).json() == []
     # The override pipeline.steps=6 pipeline.window=3 reached the sessions' queues (the
     # default config's queue is 5 deep).
     assert api.state(a["id"])["stats"]["queue_depth"] == 2
@@ -255,7 +262,7 @@ def test_steering_one_session_left_moves_only_its_own_map_lines(api):
 def test_deleting_one_session_leaves_the_other_running(api):
     a, b = api.create(), api.create()
     api.wait_frames_out(b["id"], 1)
-    reader = MjpegReader(f"{api.base}/sessions/{a['id']}/video.mjpg")
+    reader = MjpegReader(a["streams"]["mjpeg"])
     assert reader.next_frame() is not None
 
     r = api.delete(a["id"])
@@ -265,12 +272,57 @@ def test_deleting_one_session_leaves_the_other_running(api):
     while reader.next_frame() is not None:
         pass
     reader.close()
-    assert requests.get(f"{api.base}/sessions/{a['id']}", timeout=30).status_code == 404
-    assert [s["id"] for s in requests.get(f"{api.base}/sessions", timeout=30).json()] == [b["id"]]
+    assert requests.get(f"{api.base}/sessions/{a['id']}", headers={"Authorization": f"Bearer {a['token']}"},
+                        timeout=30).status_code == 404
+    assert requests.get(f"{api.base}/sessions", headers={"Authorization": f"Bearer {a['token']}"}, timeout=30).json() == []
+    assert [s["id"] for s in requests.get(f"{api.base}/sessions", headers=api.auth(b["id"]), timeout=30).json()] == [b["id"]]
 
     before = api.state(b["id"])["stats"]["frames_out"]
     api.wait_frames_out(b["id"], before + 2)
     assert read_frames(api, b["id"], 1)[0][1].shape == (VIEW_H, VIEWS * VIEW_W, 3)
+
+
+def test_a_session_is_seen_only_with_its_drivers_or_a_viewers_token(api):
+    a, b = api.create(), api.create()
+    api.wait_frames_out(a["id"], 1)
+    url = f"{api.base}/sessions/{a['id']}"
+    seen = (url, f"{url}/video.mjpg", f"{url}/layout.png")
+    # Nobody else sees it: no token is 401, another session's token 403; the list shows nothing.
+    for path in seen:
+        assert "private" in refusal(requests.get(path, timeout=30), 401)
+        r = requests.get(path, headers={"Authorization": f"Bearer {b['token']}"}, timeout=30)
+        assert a["id"] in refusal(r, 403)
+        assert refusal(requests.get(path, params={"token": b["token"]}, timeout=30), 403)
+    assert requests.get(f"{api.base}/sessions", timeout=30).json() == []
+    assert refusal(requests.get(f"{api.base}/sessions", params={"token": "x" * 300}, timeout=30), 422)
+
+    # The driver shares a read-only view: its token sees the state, the video and the layout
+    # (header or ?token=), and cannot drive, end or share the session.
+    r = requests.post(f"{url}/share", headers=api.auth(a["id"]), timeout=30)
+    assert r.status_code == 201, r.text
+    shared = r.json()
+    view = shared["token"]
+    assert shared["id"] == a["id"] and view not in (a["token"], b["token"])
+    assert shared["streams"]["mjpeg"] == f"{url}/video.mjpg?token={view}"
+    state = requests.get(url, headers={"Authorization": f"Bearer {view}"}, timeout=30).json()
+    assert state["id"] == a["id"] and state["streams"]["mjpeg"] == shared["streams"]["mjpeg"]
+    assert requests.get(url, params={"token": view}, timeout=30).status_code == 200
+    assert eventually(lambda: requests.get(f"{url}/layout.png", params={"token": view}, timeout=30).status_code == 200,
+                      "the layout, seen with the viewer token")
+    reader = MjpegReader(shared["streams"]["mjpeg"])
+    assert reader.next_frame()[1].shape == (VIEW_H, VIEWS * VIEW_W, 3)
+    reader.close()
+    listed = requests.get(f"{api.base}/sessions", params={"token": view}, timeout=30).json()
+    assert [s["id"] for s in listed] == [a["id"]]
+    for token in (view, a["streams"]["mjpeg"].split("?token=")[1]):  # neither viewer token drives
+        assert refusal(api.control(a["id"], token=token, steer=0.5), 403)
+        r = requests.post(f"{url}/share", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert refusal(r, 403)
+        assert requests.delete(url, headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 403
+    assert "Authorization: Bearer" in refusal(requests.post(f"{url}/share", timeout=30), 401)
+    # The token in a URL is a viewer's, never the driver's; and the session still drives.
+    assert a["token"] not in a["streams"]["mjpeg"]
+    assert api.control(a["id"], steer=0.2).status_code == 200
 
 
 def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
@@ -296,6 +348,7 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
     for r in (
         requests.get(f"{base}/sessions/nosuch", timeout=30),
         requests.get(f"{base}/sessions/nosuch/video.mjpg", timeout=30),
+        requests.post(f"{base}/sessions/nosuch/share", headers={"Authorization": f"Bearer {a['token']}"}, timeout=30),
         requests.post(
             f"{base}/sessions/nosuch/control", json={"steer": 0.1},
             headers={"Authorization": f"Bearer {a['token']}"}, timeout=30,
@@ -394,7 +447,7 @@ def test_bodies_too_large_not_json_or_long_are_refused_with_short_answers(api):
 
     # The layout's kind: an unknown session first, whatever the kind; then the kinds allowed.
     assert "nosuch" in refusal(requests.get(f"{base}/sessions/nosuch/layout.png?kind=bad", timeout=30), 404)
-    r = requests.get(f"{base}/sessions/{a['id']}/layout.png?kind=bad", timeout=30)
+    r = requests.get(f"{base}/sessions/{a['id']}/layout.png?kind=bad", headers=api.auth(a["id"]), timeout=30)
     assert "map, boxes, both" in refusal(r, 422) and r.json()["detail"][0]["loc"] == ["query", "kind"]
     # Starlette's own refusals have the same shape.
     refusal(requests.get(f"{base}/nowhere", timeout=30), 404)
@@ -404,13 +457,14 @@ def test_bodies_too_large_not_json_or_long_are_refused_with_short_answers(api):
 # Every (path, method) of the API and the statuses it answers with.
 ANSWERS = {
     ("/", "get"): {200, 413},
-    ("/sessions", "get"): {200, 413},
+    ("/sessions", "get"): {200, 413, 422},
     ("/sessions", "post"): {201, 400, 413, 415, 422, 503},
-    ("/sessions/{session_id}", "get"): {200, 404, 413, 422},
+    ("/sessions/{session_id}", "get"): {200, 401, 403, 404, 413, 422},
     ("/sessions/{session_id}", "delete"): {200, 401, 403, 404, 413, 422},
     ("/sessions/{session_id}/control", "post"): {200, 400, 401, 403, 404, 413, 415, 422, 503},
-    ("/sessions/{session_id}/video.mjpg", "get"): {200, 404, 413, 422},
-    ("/sessions/{session_id}/layout.png", "get"): {200, 204, 404, 413, 422},
+    ("/sessions/{session_id}/share", "post"): {201, 401, 403, 404, 413, 422},
+    ("/sessions/{session_id}/video.mjpg", "get"): {200, 401, 403, 404, 413, 422},
+    ("/sessions/{session_id}/layout.png", "get"): {200, 204, 401, 403, 404, 413, 422},
     ("/pipelines", "get"): {200, 413},
 }
 
@@ -530,7 +584,7 @@ def listening(port: int) -> bool:
 
 
 def test_rtsp_gets_the_sessions_frames(api):
-    assert requests.get(f"{api.base}/sessions", timeout=30).json() == []  # no other publisher
+    assert not api.tokens  # the sessions of earlier tests are gone: no other publisher
     ctx = mp.get_context("spawn")
     frames: mp.Queue = ctx.Queue()
     receiver = ctx.Process(target=receive, args=(f"{api.rtsp_base}/any", frames), daemon=True)
@@ -591,6 +645,7 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         ({"serve.max_sessions": "0"}, "serve.max_sessions"),
         ({"serve.max_body_bytes": "0"}, "serve.max_body_bytes"),
         ({"serve.allowed_hosts": "[]"}, "serve.allowed_hosts"),
+        ({"serve.public_viewing": "yes"}, "serve.public_viewing"),
         ({"pipeline.cfg_parallel": "true", "pipeline.bands": "2"}, "pipeline.cfg_parallel=true runs with pipeline.bands=1"),
         ({"serve.http_port": "8100"}, "python -m deployments serve.http_port=PORT"),
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),

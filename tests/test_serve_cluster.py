@@ -92,8 +92,11 @@ def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goe
     (moved,) = victim["sessions"]
     ray.kill(ray.get_actor(victim["stages"][1]["actor"]))
 
+    tokens = {s["id"]: s["token"] for s in sessions}
+
     def state(sid):
-        return requests.get(f"{base}/sessions/{sid}", timeout=30).json()
+        return requests.get(f"{base}/sessions/{sid}", headers={"Authorization": f"Bearer {tokens[sid]}"},
+                            timeout=30).json()
 
     eventually(lambda: state(moved)["stats"]["queue_restarts"] == 1, "the session's queue to be rebuilt")
     seen = len(readers[[s["id"] for s in sessions].index(moved)].indices)
@@ -103,7 +106,7 @@ def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goe
     after = requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
     assert after[0]["healthy"] is False and sorted(after[1]["sessions"]) == sorted(s["id"] for s in sessions)
     moved_state = state(moved)
-    assert moved_state["stats"]["gap_frames"] > 0 and moved_state["streams"]["mjpeg"].endswith(f"/sessions/{moved}/video.mjpg")
+    assert moved_state["stats"]["gap_frames"] > 0 and moved_state["streams"]["mjpeg"].split("?token=")[0].endswith(f"/sessions/{moved}/video.mjpg")
     other = next(s["id"] for s in sessions if s["id"] != moved)
     assert state(other)["stats"]["queue_restarts"] == 0 and state(other)["stats"]["gap_frames"] == 0
     for reader in readers:

@@ -63,7 +63,8 @@ def test_ctrl_c_on_serve_run_stops_everything_it_started(tmp_path):
                 created = r.json() if r.status_code == 201 else None
             except requests.ConnectionError:
                 time.sleep(0.5)
-        while requests.get(f"{URL}/sessions/{created['id']}", timeout=10).json()["stats"]["frames_out"] < 1:
+        auth = {"Authorization": f"Bearer {created['token']}"}
+        while requests.get(f"{URL}/sessions/{created['id']}", headers=auth, timeout=10).json()["stats"]["frames_out"] < 1:
             assert time.monotonic() < deadline, "the session made no frame"
             time.sleep(0.5)
         assert len(processes_in_session(proc.pid)) > 3  # the CLI, Ray's services, the replicas

@@ -65,14 +65,15 @@ def base(browser, ray_runtime) -> Iterator[str]:
         yield url
 
 
-def sessions(base: str) -> list[dict]:
-    r = requests.get(f"{base}/sessions", timeout=30)
+def sessions(base: str, token: str) -> list[dict]:
+    """The sessions `token` sees (sessions are private)."""
+    r = requests.get(f"{base}/sessions", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def server_state(base: str, session_id: str) -> dict:
-    r = requests.get(f"{base}/sessions/{session_id}", timeout=30)
+def server_state(base: str, session_id: str, token: str) -> dict:
+    r = requests.get(f"{base}/sessions/{session_id}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -158,7 +159,7 @@ def tab(browser, base) -> Iterator[Tab]:
 
 def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, browser, base):
     page = tab.page
-    assert sessions(base) == []
+    assert requests.get(f"{base}/sessions", timeout=30).json() == []
     assert tab.text("#stats").strip() == "no session"
     assert page.is_disabled("#stop")
 
@@ -166,8 +167,9 @@ def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, br
     page.click("#start")
     page.wait_for_function("() => document.getElementById('session').textContent.includes('session ')")
     session_id = tab.text("#session").split("session ", 1)[1].strip()
-    assert [s["id"] for s in sessions(base)] == [session_id]
-    assert server_state(base, session_id)["control"]["autopilot"] is False
+    token = page.evaluate("() => session.token")  # the driver's, which the page keeps
+    assert [s["id"] for s in sessions(base, token)] == [session_id]
+    assert server_state(base, session_id, token)["control"]["autopilot"] is False
     assert page.is_disabled("#start") and page.is_enabled("#stop")
     frames = tab.wait_stat("frames", 0, "the page's stats to count frames")
     assert "frames" in tab.text("#stats") and "speed" in tab.text("#stats")
@@ -175,7 +177,9 @@ def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, br
 
     # The video element shows the stream, and its picture changes as new frames arrive.
     src = tab.attr("#video", "src")
-    assert src and src.endswith(f"/sessions/{session_id}/video.mjpg"), src
+    # The stream's URL from the server, with a viewer token (an <img> sends no header).
+    assert src and src.split("?token=")[0].endswith(f"/sessions/{session_id}/video.mjpg"), src
+    assert token not in src
     seen = set()
 
     def new_pictures() -> bool:
@@ -199,39 +203,39 @@ def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, br
         assert other.errors == []
     finally:
         other.close()
-    assert [s["id"] for s in sessions(base)] == [session_id]
+    assert [s["id"] for s in sessions(base, token)] == [session_id]
 
     # Hold W: the throttle reaches the server and the page's speed rises above where it was
     # (coasting with the pedals up only ever slows the car down).
-    assert server_state(base, session_id)["control"]["throttle"] == 0.0
+    assert server_state(base, session_id, token)["control"]["throttle"] == 0.0
     speed = tab.stat("speed")
     assert speed is not None
     page.keyboard.down("w")
     try:
         assert tab.has_class("#key-w", "on")
-        eventually(lambda: server_state(base, session_id)["control"]["throttle"] > 0,
+        eventually(lambda: server_state(base, session_id, token)["control"]["throttle"] > 0,
                    "the held W to reach the server as throttle")
         tab.wait_stat("speed", speed + 1.0, "the page's speed to rise while W is held")
     finally:
         page.keyboard.up("w")
     assert not tab.has_class("#key-w", "on")
-    eventually(lambda: server_state(base, session_id)["control"]["throttle"] == 0.0,
+    eventually(lambda: server_state(base, session_id, token)["control"]["throttle"] == 0.0,
                "releasing W to lift the throttle")
 
     # Q toggles reverse, E toggles autopilot: highlighted on the page and sent to the server.
     for key, field in (("q", "reverse"), ("e", "autopilot")):
         page.keyboard.press(key)
         assert tab.has_class(f"#key-{key}", "on")
-        eventually(lambda field=field: server_state(base, session_id)["control"][field] is True,
+        eventually(lambda field=field: server_state(base, session_id, token)["control"][field] is True,
                    f"{key.upper()} to turn {field} on")
         page.keyboard.press(key)
         assert not tab.has_class(f"#key-{key}", "on")
-        eventually(lambda field=field: server_state(base, session_id)["control"][field] is False,
+        eventually(lambda field=field: server_state(base, session_id, token)["control"][field] is False,
                    f"{key.upper()} again to turn {field} off")
 
     # End session: the server has no sessions left, and the page is back where it started.
     page.click("#stop")
-    eventually(lambda: sessions(base) == [], "the session to end on the server")
+    eventually(lambda: sessions(base, token) == [], "the session to end on the server")
     page.wait_for_function("() => document.getElementById('stats').textContent.trim() === 'no session'")
     assert tab.attr("#video", "src") is None
     assert page.is_enabled("#start") and page.is_disabled("#stop")

@@ -27,6 +27,7 @@ def base(ray_runtime):
     app = deployments.app({
         "pipeline.steps": "6", "pipeline.window": "3", "world.vehicles": "4",
         "world.dt": str(DT), "serve.clock": "realtime", "serve.graceful_shutdown_s": "1.0",
+        "serve.public_viewing": "true",  # a local demo: anyone sees every session
     })
     with ray_runtime.serve_app(app, "test-serve-realtime") as url:
         yield url
@@ -39,6 +40,9 @@ def ticks(t: float) -> float:
 def test_realtime_world_runs_on_the_wall_clock_and_frames_sample_it(base):
     created = requests.post(f"{base}/sessions", timeout=60).json()
     url = f"{base}/sessions/{created['id']}"
+    # serve.public_viewing=true: the list and the state need no token (driving still does).
+    assert [s["id"] for s in requests.get(f"{base}/sessions", timeout=30).json()] == [created["id"]]
+    assert requests.post(f"{url}/control", json={"steer": 0.1}, timeout=30).status_code == 401
     # (wall time before the request, wall time after it, the session's stats), one per poll.
     samples: list[tuple[float, float, dict]] = []
 

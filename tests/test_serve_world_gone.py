@@ -42,7 +42,7 @@ def drive(base: str, flag: Path) -> None:
     sid, token = created["id"], created["token"]
 
     def state() -> dict:
-        r = requests.get(f"{base}/sessions/{sid}", timeout=30)
+        r = requests.get(f"{base}/sessions/{sid}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
         assert r.status_code == 200, r.text
         return r.json()
 

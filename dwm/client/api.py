@@ -33,7 +33,11 @@ class SessionClient:
         return cls(url, body["id"], body["token"])
 
     def state(self) -> dict:
-        return request(self.url, "GET", f"/sessions/{self.id}", timeout=self.timeout)
+        return request(self.url, "GET", f"/sessions/{self.id}", token=self.token, timeout=self.timeout)
+
+    def share(self) -> dict:
+        """A read-only viewer token and the stream URLs with it: {id, token, streams}."""
+        return request(self.url, "POST", f"/sessions/{self.id}/share", token=self.token, timeout=self.timeout)
 
     def control(self, **changes) -> dict:
         """Merge changes (throttle, steer, brake, reverse, hand_brake, autopilot) into the sticky control."""

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             client = SessionClient.create(args.url)
             print(f"session {client.id}  token {client.token}", file=sys.stderr)
-        print(f"video: {args.url.rstrip('/')}/sessions/{client.id}/video.mjpg", file=sys.stderr)
+        print(f"video: {client.state()['streams']['mjpeg']}", file=sys.stderr)
     except ApiError as err:
         root.destroy()
         print(f"error: {err}", file=sys.stderr)
