@@ -43,11 +43,13 @@ class GeneratedImages:
 
 @dataclass
 class DenoisedRound:
-    """What a round gives back: the pictures leaving the queues, and the sessions whose queue
-    was rebuilt (a denoiser stage died) with the frames that were inside it and are lost."""
+    """What a round gives back: the pictures leaving the queues, the sessions whose queue was
+    rebuilt (a denoiser stage died) with the frames that were inside it and are lost, and the
+    sessions this QueueServer holds no queue for (it was restarted: open them again)."""
 
     images: dict[str, list[GeneratedImages]] = field(default_factory=dict)
     restarted: dict[str, int] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
 
 
 def uses_stage_actors(cfg: DictConfig) -> bool:
@@ -155,18 +157,22 @@ class QueueServer:
 
     def push_many(self, frames: dict[str, PackedConditions]) -> DenoisedRound:
         """Push each session's new conditions; returns the pictures that leave the queues
-        (without their conditions: the caller has them). A session closed meanwhile is skipped."""
+        (without their conditions: the caller has them). A session without a queue here is
+        named in `unknown` (this replica is a restarted one) and its frame dropped."""
         with self._lock:
+            held = set(self.sessions())
+            unknown = [sid for sid in frames if sid not in held]
+            frames = {sid: c for sid, c in frames.items() if sid in held}
             if self.pool:
                 images, restarted = self.pool.push_many(frames)
                 return DenoisedRound(
-                    {sid: [GeneratedImages(i, im) for i, im in out] for sid, out in images.items()}, restarted
+                    {sid: [GeneratedImages(i, im) for i, im in out] for sid, out in images.items()}, restarted, unknown
                 )
             partner = self.partner.push_many.remote(frames) if self.partner else None
             images = self.queues.push_many(frames)  # with the partner's half of every call
             if partner is not None:
                 ray.get(partner)
-        return DenoisedRound(images)
+        return DenoisedRound(images, unknown=unknown)
 
     def placement(self) -> dict:
         """Where the model runs: per pipeline its sessions and each stage's band, GPU ids and

@@ -103,6 +103,8 @@ class SessionStats(BaseModel):
     control_latency_s: float | None = Field(description="seconds from that control to that frame")
     queue_restarts: int = Field(description="times the session's queue was rebuilt because a denoiser stage died")
     gap_frames: int = Field(description="frames lost in those rebuilds (conditions pushed that never became pictures)")
+    ego_restarts: int = Field(description="times the ego car was put into the world again because the world had lost "
+                              "it (the World actor restarted): a new place, the same session and stream")
     viewers: int = Field(description="MJPEG viewers now")
     rtsp: VideoOutput | None = Field(description="the RTSP push (config stream.rtsp.url), or null")
     recording: VideoOutput | None = Field(description="the MP4 recording ({\"record\": true}), or null")

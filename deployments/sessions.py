@@ -37,7 +37,7 @@ from dwm.pipelines.decode import to_uint8_views
 from dwm.video.compose import compose_strip
 from dwm.video.encoder import session_rtsp_url
 from dwm.video.stills import encode_png
-from dwm.world.base import VehicleControl, WorldUnavailableError
+from dwm.world.base import UnknownEgoError, VehicleControl, WorldUnavailableError
 
 log = logging.getLogger("ray.serve")
 
@@ -136,6 +136,14 @@ def world_unavailable(err: BaseException) -> WorldUnavailableError | None:
     return None
 
 
+def unknown_ego(err: BaseException) -> UnknownEgoError | None:
+    """The UnknownEgoError behind an error from the World actor (Ray wraps it), if any."""
+    for candidate in (getattr(err, "cause", None), err.__cause__, err):
+        if isinstance(candidate, UnknownEgoError):
+            return candidate
+    return None
+
+
 def _cause(err: BaseException) -> str:
     """The message of the error raised inside another actor (Ray wraps it with its traceback)."""
     cause = getattr(err, "cause", None) or err
@@ -206,10 +214,12 @@ class SessionManager:
             return built, {key: PackedConditions.pack(frame) for key, frame in built.items()}
 
         conditions, packed = await asyncio.to_thread(build)
+        tick = None if self.realtime else self.world.tick.remote()  # lockstep: one tick per round
+        # The last round's frames first: a queue it finds rebuilt loses what was pushed up to
+        # it, not these conditions, which go into the new queue.
+        await self._frames_out()
         for key, session in sessions.items():
             session.pushed(observations[key], conditions[key], seen[key])
-        tick = None if self.realtime else self.world.tick.remote()  # lockstep: one tick per round
-        await self._frames_out()
         self._denoising = asyncio.create_task(self._denoise(served, packed))
         if tick is not None:
             self.sim_time = await tick
@@ -220,7 +230,11 @@ class SessionManager:
     async def _round_failed(self, err: Exception, what: str) -> None:
         """A world that cannot be reached (a Carla server gone) is news for every session, not
         a crash: its message shows in their state until the world answers again, and the
-        rounds go on calling it (which is what reconnects it). Anything else is logged."""
+        rounds go on calling it (which is what reconnects it). A world that has lost egos was
+        restarted: they are put back. Anything else is logged."""
+        if unknown_ego(err) is not None:
+            await self._replace_egos()
+            return
         unavailable = world_unavailable(err)
         if unavailable is None:
             log.exception(what)
@@ -231,12 +245,38 @@ class SessionManager:
         self.world_error = str(unavailable)
         await asyncio.sleep(min(max(unavailable.retry_in or 1.0, 0.2), 5.0))
 
+    async def _replace_egos(self) -> None:
+        """The World actor holds no car for some sessions (its replica was restarted, with a
+        new world): each of them gets a new car, on its autopilot or with its sticky control,
+        and goes on with the same id, queue and stream (`ego_restarts` counts it)."""
+        known = set(await self.world.egos.remote())
+        for s in list(self.sessions.values()):
+            session = s.session
+            if session.ego_id in known:
+                continue
+            try:
+                ego_id = await self.world.add_ego.remote()
+                if session.autopilot:
+                    await self.world.set_autopilot.remote(ego_id, True)
+                else:
+                    await self.world.apply_control.remote(ego_id, session.control)
+            except Exception as err:
+                self.world_error = f"the world lost the cars of the sessions and cannot place new ones: {_cause(err)}"
+                log.exception("driving session %s: no new car", s.id)
+                await asyncio.sleep(1.0)
+                return
+            log.warning("driving session %s: the world lost car %s (the World actor restarted); new car %s",
+                        s.id, session.ego_id, ego_id)
+            session.ego_replaced(ego_id)
+
     async def _denoise(self, served: list[ServedSession], packed: dict[str, PackedConditions]) -> None:
         try:
             result = await self.denoiser.push_many.remote(packed)
         except Exception:
             log.exception("the denoiser failed on a round; its frames are lost")
             return
+        if result.unknown:
+            await self._reopen([s for s in served if s.id in set(result.unknown)])
         for s in served:
             lost = result.restarted.get(s.id)
             if lost is not None:
@@ -244,6 +284,23 @@ class SessionManager:
                 s.session.queue_rebuilt(lost)
             for frame in s.session.delivered(result.images.get(s.id, [])):
                 s.publisher.offer(frame)
+
+    async def _reopen(self, lost: list[ServedSession]) -> None:
+        """The QueueServer was restarted (its replica died) and holds no queue for these
+        sessions: each gets a new one, which warms up; the frames that were in the old queue,
+        and the one just refused, count as lost (`gap_frames`), and the session keeps its id,
+        its stream and its frame count."""
+        for s in lost:
+            if self.sessions.get(s.id) is not s:
+                continue  # ended meanwhile
+            try:
+                await self.denoiser.open.remote(s.id, s.session.builder.num_views, s.options.get("seed"))
+            except Exception:
+                log.exception("driving session %s: cannot open a queue on the new denoiser", s.id)
+                continue
+            lost_frames = s.session.frames_in - s.session.frames_out
+            log.warning("driving session %s: the denoiser restarted, queue rebuilt, %d frames lost", s.id, lost_frames)
+            s.session.queue_rebuilt(lost_frames)
 
     async def _frames_out(self) -> None:
         """Wait until the last round's frames are out and handed to the publishers."""

@@ -49,6 +49,7 @@ class DrivingStats:
     control_latency_s: float | None  # s from that control reaching the world to that frame leaving the queue
     queue_restarts: int  # times the queue was rebuilt (a denoiser stage died)
     gap_frames: int  # frames lost in those rebuilds: conditions pushed that never became pictures
+    ego_restarts: int  # times the ego car was put into the world again (the world had lost it)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class ControlChange:
 
 class PictureOut(Protocol):
     """A generated frame as it leaves a queue, in this process (`GeneratedFrame`) or from an
-    actor: index (0 for the queue's first frame out), images (V, 3, H, W) float32 in [0, 1]."""
+    actor: index (the queue's count, 0 for its first frame out), images (V, h, w, 3) uint8."""
 
     index: int
     images: torch.Tensor
@@ -122,6 +123,7 @@ class DrivingSession:
         self.latency_s: float | None = None
         self.queue_restarts = 0
         self.gap_frames = 0
+        self.ego_restarts = 0
 
     @classmethod
     def start(
@@ -204,7 +206,9 @@ class DrivingSession:
         frames = []
         for picture in pictures:
             conditions, seen = self._queued.popleft()
-            frames.append(GeneratedFrame(picture.images, conditions, picture.index, picture.index + self.queue_depth + 1))
+            # Numbered by this session, not by its queue: a queue rebuilt elsewhere counts from 0.
+            index = self.frames_out
+            frames.append(GeneratedFrame(picture.images, conditions, index, index + self.queue_depth + 1))
             self.frames_out += 1
             self.shown_sim_time = float(conditions.sim_time)
             self._out_times.append(now)
@@ -225,6 +229,12 @@ class DrivingSession:
         self.queue_restarts += 1
         self.gap_frames += lost
         self._queued.clear()
+
+    def ego_replaced(self, ego_id: str) -> None:
+        """The world lost the ego car (it was restarted) and holds this one for it now, given
+        the session's autopilot or sticky control; the queue and the frames go on."""
+        self.ego_id = ego_id
+        self.ego_restarts += 1
 
     def step(
         self, world: World, pipeline: StreamingPipeline, on_step: ProgressCallback | None = None
@@ -271,4 +281,5 @@ class DrivingSession:
             control_latency_s=self.latency_s,
             queue_restarts=self.queue_restarts,
             gap_frames=self.gap_frames,
+            ego_restarts=self.ego_restarts,
         )

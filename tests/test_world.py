@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -371,8 +372,12 @@ def test_bad_inputs_say_what_is_allowed():
     ego = world.add_ego("alice")
     with pytest.raises(ValueError, match="already exists"):
         world.add_ego("alice")
-    with pytest.raises(UnknownEgoError, match="'bob'.*alice"):
+    with pytest.raises(UnknownEgoError, match="'bob'.*alice") as unknown:
         world.apply_control("bob", VehicleControl())
+    # It crosses processes as itself (the Serve app's actors raise it to each other).
+    again = pickle.loads(pickle.dumps(unknown.value))
+    assert isinstance(again, UnknownEgoError) and (again.ego_id, again.known, str(again)) == (
+        "bob", ["alice"], str(unknown.value))
     with pytest.raises(UnknownEgoError):
         world.set_autopilot("bob", True)
     with pytest.raises(UnknownEgoError):

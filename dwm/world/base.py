@@ -41,6 +41,9 @@ class UnknownEgoError(KeyError):
         known = ", ".join(self.known) if self.known else "none"
         return f"unknown ego {self.ego_id!r}; egos in this world: {known}"
 
+    def __reduce__(self):  # crosses process boundaries (Ray) as itself, not as a bare KeyError
+        return (type(self), (self.ego_id, self.known))
+
 
 class WorldUnavailableError(RuntimeError):
     """The world's simulator cannot be reached (a Carla server that went away or never
