@@ -39,6 +39,13 @@ class SessionNotFound(SessionError):
     type = "session_not_found"
 
 
+class SessionLost(SessionNotFound):
+    """A session that was started and never ended is gone: the session manager that held it
+    died and a new one took its place (the Ingress remembers the sessions it started)."""
+
+    type = "session_lost"
+
+
 class MissingToken(SessionError):
     status = 401
     loc = ("header", "authorization")

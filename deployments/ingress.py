@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: Serve rebuilds the route signatures and needs
 # real annotation objects (string ones would turn `request: Request` into a query field).
+import logging
 from http import HTTPStatus
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.errors import SessionError
+from deployments.errors import SessionError, SessionLost, SessionNotFound
 from deployments.schemas import (
     ControlRequest,
     ControlState,
@@ -28,6 +29,8 @@ from deployments.schemas import (
     allowed_values,
 )
 
+MAX_REMEMBERED = 100_000  # session ids the Ingress remembers having started (about 10 MB)
+log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page.html")  # the browser page: plain HTML and JS, no build step
 MJPEG_BOUNDARY = "frame"
 FRAME_WAIT_S = 10.0  # long-poll length for the next frame; the stream stays open across polls
@@ -235,10 +238,21 @@ class Ingress:
         AllowedHosts.hosts = list(allowed_hosts) if allowed_hosts else ["*"]
         self.sessions = sessions
         self.page_html = PAGE.read_text()
+        # The sessions started here and not ended: one the session manager no longer knows
+        # was lost with a session manager that died, and is answered so.
+        self.started: dict[str, None] = {}
 
     async def _call(self, method: str, *args):
         """Call the SessionManager; a refusal (SessionError) becomes an HTTP answer with its reason."""
-        result = await getattr(self.sessions, method).remote(*args)
+        try:
+            result = await getattr(self.sessions, method).remote(*args)
+        except Exception as err:  # the session manager died in the call: answer, do not crash
+            log.warning("the session manager failed on %s: %s", method, err)
+            raise HTTPException(503, [_item([], "the session manager did not answer (it is being restarted); "
+                                             "try again in a few seconds", "session_manager_unavailable")]) from None
+        if isinstance(result, SessionNotFound) and args and args[0] in self.started:
+            result = SessionLost(f"driving session {args[0]!r} was lost: the session manager that held it "
+                                 "stopped and a new one took its place; start a new session (POST /sessions)")
         if isinstance(result, SessionError):
             headers = {"WWW-Authenticate": "Bearer"} if result.status == 401 else None
             raise HTTPException(result.status, result.detail(), headers=headers)
@@ -260,9 +274,12 @@ class Ingress:
     )
     async def create_session(self, request: Request, options: SessionOptions | None = Body(None)):
         created = await self._call("create", (options or SessionOptions()).model_dump())
+        self.started[created["id"]] = None
+        while len(self.started) > MAX_REMEMBERED:
+            del self.started[next(iter(self.started))]  # the oldest
         return {**created, "streams": self._absolute(request, created["streams"])}
 
-    @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422),
+    @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422, 503),
              summary="The driving sessions the token given may see (all of them with serve.public_viewing)")
     async def list_sessions(self, request: Request, authorization: str | None = Header(None),
                             token: str | None = TOKEN_QUERY):
@@ -271,7 +288,7 @@ class Ingress:
 
     @api.get(
         "/sessions/{session_id}", response_model=SessionState, summary="A session's state and stats",
-        responses=_errors(401, 403, 404, 413, 422),
+        responses=_errors(401, 403, 404, 413, 422, 503),
     )
     async def get_session(self, session_id: str, request: Request, authorization: str | None = Header(None),
                           token: str | None = TOKEN_QUERY):
@@ -281,7 +298,7 @@ class Ingress:
     @api.post(
         "/sessions/{session_id}/share", response_model=SessionShared, status_code=201,
         summary="A read-only viewer token for the session, and its stream URLs with it (the driver only)",
-        responses=_errors(401, 403, 404, 413, 422),
+        responses=_errors(401, 403, 404, 413, 422, 503),
     )
     async def share(self, session_id: str, request: Request, authorization: str | None = Header(None)):
         shared = await self._call("share", session_id, _bearer(authorization))
@@ -298,17 +315,23 @@ class Ingress:
         "/sessions/{session_id}",
         response_model=SessionState,
         summary="End a session: frees its car, queue and stream; answers its final state",
-        responses=_errors(401, 403, 404, 413, 422),
+        responses=_errors(401, 403, 404, 413, 422, 503),
     )
     async def delete_session(self, session_id: str, request: Request, authorization: str | None = Header(None)):
-        state = await self._call("delete", session_id, _bearer(authorization))
+        try:
+            state = await self._call("delete", session_id, _bearer(authorization))
+        except HTTPException as err:
+            if err.status_code == 404:
+                self.started.pop(session_id, None)  # said once, as it is ended now
+            raise
+        self.started.pop(session_id, None)
         return {**state, "streams": self._absolute(request, state["streams"])}
 
     @api.get(
         "/sessions/{session_id}/video.mjpg",
         summary="The session's live video: multipart/x-mixed-replace JPEG frames",
         response_class=StreamingResponse,
-        responses=_errors(401, 403, 404, 413, 422),
+        responses=_errors(401, 403, 404, 413, 422, 503),
     )
     async def video(self, session_id: str, authorization: str | None = Header(None), token: str | None = TOKEN_QUERY):
         await self._call("get", session_id, _seeing(authorization, token))  # 404 or 401/403 before the stream
@@ -316,7 +339,10 @@ class Ingress:
         async def parts():
             after = -1
             while True:
-                frame = await self.sessions.next_frame.remote(session_id, after, FRAME_WAIT_S)
+                try:
+                    frame = await self.sessions.next_frame.remote(session_id, after, FRAME_WAIT_S)
+                except Exception:  # the session manager died: the stream ends, cleanly
+                    return
                 if isinstance(frame, SessionError):
                     return  # the session ended: so does its stream
                 if frame is None:
@@ -335,7 +361,7 @@ class Ingress:
 
     @api.get(
         "/pipelines", summary="Where the model runs: pipelines, their sessions, each stage's GPU and node",
-        responses=_errors(413),
+        responses=_errors(413, 503),
     )
     async def pipelines(self):
         return await self._call("pipelines")
@@ -345,7 +371,7 @@ class Ingress:
         summary="The newest conditions' layout images side by side (what the model is asked to draw)",
         responses={
             200: {"content": {"image/png": {}}}, 204: {"description": "no conditions yet"},
-            **_errors(401, 403, 404, 413, 422),
+            **_errors(401, 403, 404, 413, 422, 503),
         },
     )
     async def layout(self, session_id: str, kind: str = Query("both", description="map, boxes or both"),

@@ -171,10 +171,29 @@ class SessionManager:
         self._sampled = -math.inf  # realtime: sim time of the last round's observations
         self._denoising: asyncio.Task | None = None  # the last round's push, then its delivery
         self.world_error: str | None = None  # why the world cannot be reached now, if it cannot
+        await self._release_orphans()
         self._tasks = [asyncio.create_task(self._rounds())]
         if self.realtime:
             self.dt = float(await self.world.dt.remote())
             self._tasks.append(asyncio.create_task(self._wall_clock()))
+
+    async def _release_orphans(self) -> None:
+        """A session manager starting holds no session. Cars in the world and queues in the
+        denoiser are those of a session manager that died (its replica restarted): nobody can
+        reach them any more, so they are given back."""
+        try:
+            egos = await self.world.egos.remote()
+            for ego_id in egos:
+                await self.world.remove_ego.remote(ego_id)
+            queues = await self.denoiser.sessions.remote()
+            for session_id in queues:
+                await self.denoiser.close.remote(session_id)
+        except Exception:
+            log.exception("giving back the cars and queues of the sessions before this session manager")
+            return
+        if egos or queues:
+            log.warning("a session manager before this one died: its %d cars and %d queues are given back",
+                        len(egos), len(queues))
 
     # ------------------------------------------------------------------ the clock
 

@@ -457,15 +457,15 @@ def test_bodies_too_large_not_json_or_long_are_refused_with_short_answers(api):
 # Every (path, method) of the API and the statuses it answers with.
 ANSWERS = {
     ("/", "get"): {200, 413},
-    ("/sessions", "get"): {200, 413, 422},
+    ("/sessions", "get"): {200, 413, 422, 503},
     ("/sessions", "post"): {201, 400, 413, 415, 422, 503},
-    ("/sessions/{session_id}", "get"): {200, 401, 403, 404, 413, 422},
-    ("/sessions/{session_id}", "delete"): {200, 401, 403, 404, 413, 422},
+    ("/sessions/{session_id}", "get"): {200, 401, 403, 404, 413, 422, 503},
+    ("/sessions/{session_id}", "delete"): {200, 401, 403, 404, 413, 422, 503},
     ("/sessions/{session_id}/control", "post"): {200, 400, 401, 403, 404, 413, 415, 422, 503},
-    ("/sessions/{session_id}/share", "post"): {201, 401, 403, 404, 413, 422},
-    ("/sessions/{session_id}/video.mjpg", "get"): {200, 401, 403, 404, 413, 422},
-    ("/sessions/{session_id}/layout.png", "get"): {200, 204, 401, 403, 404, 413, 422},
-    ("/pipelines", "get"): {200, 413},
+    ("/sessions/{session_id}/share", "post"): {201, 401, 403, 404, 413, 422, 503},
+    ("/sessions/{session_id}/video.mjpg", "get"): {200, 401, 403, 404, 413, 422, 503},
+    ("/sessions/{session_id}/layout.png", "get"): {200, 204, 401, 403, 404, 413, 422, 503},
+    ("/pipelines", "get"): {200, 413, 503},
 }
 
 

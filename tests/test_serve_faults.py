@@ -8,6 +8,10 @@ frame numbers going on from where they were, and the lost frames counted (`queue
 
 The World replica is killed likewise: the new one is a new world without the sessions' cars;
 each session gets a new car (`ego_restarts`) and its stream goes on.
+
+The SessionManager holds the sessions in its memory: killed, its sessions are gone. Each
+then answers that it was lost and why, its stream ends, the new session manager gives back
+their cars and queues, and new sessions start.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 import ray
 import requests
+from ray import serve
 
 import deployments
 from tests.waiting import eventually
@@ -139,3 +144,38 @@ def test_a_killed_denoiser_is_replaced_and_every_session_goes_on_with_its_id_and
     auth[new["id"]] = {"Authorization": f"Bearer {new['token']}"}
     eventually(lambda: state(new["id"])["stats"]["frames_out"] >= 1, "the new session's first frame")
     end(base, [*created, new], auth)
+
+
+def test_a_killed_session_manager_says_its_sessions_were_lost_and_gives_back_their_cars(base):
+    created, auth, state, readers = drive_three(base)
+    try:
+        eventually(lambda: all(len(r.indices) >= 2 for r in readers), "frames on the three streams")
+        ray.kill(replica_of("SessionManager"), no_restart=True)
+
+        # Each session says it was lost and why (no 5xx meanwhile); its stream ends.
+        def lost(sid: str) -> str | None:
+            r = requests.get(f"{base}/sessions/{sid}", headers=auth[sid], timeout=60)
+            assert r.status_code in (404, 503), r.text
+            return r.status_code == 404 and r.json()["detail"][0]
+        for s in created:
+            item = eventually(lambda sid=s["id"]: lost(sid), "the session to be reported lost")
+            assert item["type"] == "session_lost" and "session manager" in item["msg"], item
+        eventually(lambda: not any(r.is_alive() for r in readers), "the streams to end")
+    finally:
+        for reader in readers:
+            reader.stop.set()
+
+    # Nobody can reach those sessions' cars and queues any more: they are given back.
+    world = serve.get_deployment_handle("World", APP)
+    denoiser = serve.get_deployment_handle("QueueServer", APP)
+    eventually(lambda: world.egos.remote().result() == [] and denoiser.sessions.remote().result() == [],
+               "the lost sessions' cars and queues to be given back")
+    # A new session starts and makes frames; ending a lost one says it is gone.
+    new = requests.post(f"{base}/sessions", timeout=120)
+    assert new.status_code == 201, new.text
+    new = new.json()
+    auth[new["id"]] = {"Authorization": f"Bearer {new['token']}"}
+    eventually(lambda: state(new["id"])["stats"]["frames_out"] >= 1, "the new session's first frame")
+    r = requests.delete(f"{base}/sessions/{created[0]['id']}", headers=auth[created[0]["id"]], timeout=60)
+    assert r.status_code == 404 and r.json()["detail"][0]["type"] == "session_lost"
+    end(base, [new], auth)
