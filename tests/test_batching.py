@@ -80,6 +80,8 @@ def test_two_sessions_batched_get_the_frames_each_gets_alone(cfg, scenes):
 
     a, b = pipeline(cfg, model, 11), pipeline(cfg, model, 22)
     calls = CallCounter(model.denoiser)
+    context_rows, frame_context = [], model.denoiser.frame_context
+    model.denoiser.frame_context = lambda layout, *rest: context_rows.append(layout.shape[0]) or frame_context(layout, *rest)
     out: list[list[torch.Tensor]] = [[], []]
     for fa, fb in zip(scenes[0], scenes[1]):
         got = push_many([(a, fa), (b, fb)])
@@ -90,6 +92,9 @@ def test_two_sessions_batched_get_the_frames_each_gets_alone(cfg, scenes):
     # The two sessions' images differ (different egos and noise), so the test can fail.
     assert (out[0][0].int() - out[1][0].int()).abs().max() > 2
 
+    # Each round's frame contexts: one call for both sessions' 2 x 3 views (and, once per
+    # session, its unconditional context, 3 views, cached for the rig).
+    assert sorted(context_rows) == [3, 3] + [6] * len(scenes[0])
     # One model call per step for both: s=2 per push from the first (the warm-up spread over
     # the first 3 pushes), each on 2 x 2B rows.
     bands = cfg.pipeline.bands

@@ -99,10 +99,32 @@ def frame_contexts(
     done once in the frame's life on the device that steps it. The camera scalars (V, 11)
     stay float32 into the model's sinusoidal embedding: in bfloat16 tx = 1.524 m would
     become 1.5234 m, and the fps and intrinsics ratios would move likewise."""
-    layout = frame.layout.to(device, dtype)
-    camera = frame.camera_params.to(device, torch.float32)
-    cond = denoiser.frame_context(layout, camera, text)
-    return cond, unconditional(camera, resolution) if unconditional else None
+    return frame_contexts_many(denoiser, [(unconditional, frame, text)], resolution, device, dtype)[0]
+
+
+def frame_contexts_many(
+    denoiser: Denoiser,
+    frames: Sequence[tuple[UnconditionalContexts | None, ConditionFrame, TextEmbedding]],
+    resolution: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[tuple[FrameContext, FrameContext | None]]:
+    """`frame_contexts` of several frames (sessions) in one `frame_context` call: their V_i
+    views stacked, (sum V_i, ...), and split back (views are independent in it). Each item:
+    the frame's unconditional contexts (its session's cache, or None), the frame, its text."""
+    views = [frame.layout.shape[0] for _, frame, _ in frames]
+    layout = torch.cat([frame.layout for _, frame, _ in frames]).to(device, dtype)
+    camera = torch.cat([frame.camera_params for _, frame, _ in frames]).to(device, torch.float32)
+    text = TextEmbedding(torch.cat([t.tokens for _, _, t in frames]), torch.cat([t.pooled for _, _, t in frames]))
+    stacked = denoiser.frame_context(layout, camera, text)
+    parts = {key: value.split(views) for key, value in stacked.items()}
+    # The unconditional contexts from the frames' own camera scalars (on the host where the
+    # frame is: its cache key is then read without waiting for the device).
+    return [
+        ({key: parts[key][i] for key in parts},
+         uncond(frame.camera_params.to(torch.float32), resolution) if uncond else None)
+        for i, (uncond, frame, _) in enumerate(frames)
+    ]
 
 
 class StreamingPipeline:
@@ -207,13 +229,17 @@ class StreamingPipeline:
 
     def _begin(self, frame: ConditionFrame) -> Shift:
         """The per-frame work of a push (text, frame contexts) and the queue's shift to run."""
+        cond, uncond = frame_contexts(
+            self.denoiser, self.unconditional, frame, self._text_for(frame), self.resolution, self.device, self.dtype
+        )
+        return self.queue.begin_push(FrameContexts(cond, uncond, frame))
+
+    def _text_for(self, frame: ConditionFrame) -> TextEmbedding:
+        """The caption embedding the frame is generated with (re-encoded every text_interval)."""
         front = self.queue.front
         if front.refresh_text(frame.captions):
             self._text = self.text_encoder.encode(list(front.text))
-        cond, uncond = frame_contexts(
-            self.denoiser, self.unconditional, frame, self._text, self.resolution, self.device, self.dtype
-        )
-        return self.queue.begin_push(FrameContexts(cond, uncond, frame))
+        return self._text
 
     def _generated(self, images: torch.Tensor, frame: ConditionFrame) -> GeneratedFrame:
         out = GeneratedFrame(images, frame, self.frames_out, self.frames_in)
@@ -245,7 +271,16 @@ def push_many(
     pipelines = [pipeline for pipeline, _ in pushes]
     if len({id(p) for p in pipelines}) != len(pipelines):
         raise ValueError("push_many takes at most one frame per queue")
-    shifts = [pipeline._begin(frame) for pipeline, frame in pushes]
+    # The frames' contexts: one frame_context call per model (all its sessions' frames).
+    contexts: dict[int, tuple[FrameContext, FrameContext | None]] = {}
+    texts = {id(p): p._text_for(frame) for p, frame in pushes}
+    for group in _batches(list(pushes), lambda item: (id(item[0].denoiser), item[0].resolution, item[0].device,
+                                                      item[0].dtype, item[1].layout.shape[1:])):
+        first = group[0][0]
+        made = frame_contexts_many(first.denoiser, [(p.unconditional, f, texts[id(p)]) for p, f in group],
+                                   first.resolution, first.device, first.dtype)
+        contexts.update({id(p): c for (p, _), c in zip(group, made)})
+    shifts = [p.queue.begin_push(FrameContexts(*contexts[id(p)], frame)) for p, frame in pushes]
     running = [(p, s) for p, s in zip(pipelines, shifts) if s is not None]
     run_shifts(running, on_step)
 
