@@ -8,15 +8,13 @@ declared, the model runs on the CPU.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import ray
 import requests
 from ray import serve
 
 import deployments
-from tests.waiting import eventually as wait_until, free_port
+from tests.waiting import StreamWatcher, eventually as wait_until, free_port
 
 WAIT_S = 180.0  # upper bound: a 2-node cluster on 2 cores starts slowly
 
@@ -32,26 +30,6 @@ OVERRIDES = {
     # pipeline would wait serve.stage.start_timeout_s for room before the replica is restarted.
     "serve.denoiser.num_cpus": "0.1",
 }
-
-
-class MjpegReader(threading.Thread):
-    """Reads a session's MJPEG stream in the background, keeping the frame indices seen."""
-
-    def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url, self.indices, self.stop = url, [], threading.Event()
-
-    def run(self) -> None:
-        try:
-            with requests.get(self.url, stream=True, timeout=60) as r:
-                for line in r.iter_lines():
-                    if self.stop.is_set():
-                        return
-                    if line.startswith(b"X-Frame-Index:"):
-                        self.indices.append(int(line.split(b":")[1]))
-        except requests.RequestException:
-            if not self.stop.is_set():
-                raise  # the stream broke while the test still watched it
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +61,7 @@ def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goe
     sessions = [requests.post(f"{base}/sessions", json={"autopilot": True}, timeout=120).json() for _ in range(2)]
     placement = requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
     assert sorted(len(p["sessions"]) for p in placement) == [1, 1]  # least loaded: one each
-    readers = [MjpegReader(s["streams"]["mjpeg"]) for s in sessions]
+    readers = [StreamWatcher(s["streams"]["mjpeg"]) for s in sessions]
     for reader in readers:
         reader.start()
     eventually(lambda: all(len(r.indices) >= 3 for r in readers), "frames on both streams")
@@ -102,6 +80,7 @@ def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goe
     seen = len(readers[[s["id"] for s in sessions].index(moved)].indices)
     eventually(lambda: all(len(r.indices) >= seen + 4 for r in readers), "both streams to go on")
     for reader in readers:
+        assert reader.error is None, reader.error
         assert reader.indices == sorted(reader.indices) and len(set(reader.indices)) == len(reader.indices)
     after = requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
     assert after[0]["healthy"] is False and sorted(after[1]["sessions"]) == sorted(s["id"] for s in sessions)

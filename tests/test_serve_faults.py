@@ -16,7 +16,6 @@ their cars and queues, and new sessions start.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -25,32 +24,11 @@ import requests
 from ray import serve
 
 import deployments
-from tests.waiting import eventually
+from tests.waiting import StreamWatcher, eventually
 
 OVERRIDES = {"pipeline.steps": "6", "pipeline.window": "3", "world.vehicles": "8", "serve.max_sessions": "4",
              "serve.graceful_shutdown_s": "1.0"}
 APP = "test-serve-faults"
-
-
-class MjpegReader(threading.Thread):
-    """Reads a session's MJPEG stream in the background, keeping the frame indices seen."""
-
-    def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url, self.indices, self.stop = url, [], threading.Event()
-        self.error: Exception | None = None
-
-    def run(self) -> None:
-        try:
-            with requests.get(self.url, stream=True, timeout=120) as r:
-                for line in r.iter_lines():
-                    if self.stop.is_set():
-                        return
-                    if line.startswith(b"X-Frame-Index:"):
-                        self.indices.append(int(line.split(b":")[1]))
-        except requests.RequestException as e:
-            if not self.stop.is_set():
-                self.error = e
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +55,7 @@ def drive_three(base: str):
         assert r.status_code == 200, r.text
         return r.json()
 
-    readers = [MjpegReader(s["streams"]["mjpeg"]) for s in created]
+    readers = [StreamWatcher(s["streams"]["mjpeg"]) for s in created]
     for reader in readers:
         reader.start()
     return created, auth, state, readers

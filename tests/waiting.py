@@ -1,13 +1,15 @@
-"""What the Serve and streaming tests share: a free local port, and waiting for what a user
-would see (with a failure that names it)."""
+"""What the Serve and streaming tests share: a free local port, waiting for what a user would
+see (with a failure that names it), and a viewer watching a session's MJPEG stream."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
+import requests
 
 
 def free_port() -> int:
@@ -27,3 +29,25 @@ def eventually(check: Callable[[], object], what: str, timeout: float = 120.0, e
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(every)
+
+
+class StreamWatcher(threading.Thread):
+    """Reads a session's MJPEG stream in the background as a viewer would, keeping the frame
+    indices seen (`indices`) and how the stream broke, if it did (`error`)."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.indices, self.stop = url, [], threading.Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with requests.get(self.url, stream=True, timeout=120) as r:
+                for line in r.iter_lines():
+                    if self.stop.is_set():
+                        return
+                    if line.startswith(b"X-Frame-Index:"):
+                        self.indices.append(int(line.split(b":")[1]))
+        except requests.RequestException as e:
+            if not self.stop.is_set():
+                self.error = e
