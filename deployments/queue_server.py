@@ -34,8 +34,8 @@ from dwm.pipelines.streaming import StreamingPipeline, push_many
 
 @dataclass
 class GeneratedImages:
-    """A generated frame on its way back: index (the session's frame count) and images,
-    (V, 3, H, W) float32 in [0, 1]."""
+    """A generated frame on its way back: index (its queue's frame count) and images,
+    (V, h, w, 3) uint8 at the output size (`dwm.pipelines.decode`)."""
 
     index: int
     images: torch.Tensor
