@@ -28,7 +28,7 @@ import requests
 
 import deployments
 from dwm.client.api import ApiError, SessionClient
-from deployments.sessions import new_session_id
+from deployments.served import new_session_id
 from dwm.config import ConfigError
 from dwm.session import DrivingSession
 from dwm.video.encoder import ACCESS_UNIT_DELIMITER

@@ -1,0 +1,122 @@
+"""A driving session as the Serve app holds it (`ServedSession`: the `DrivingSession` with its
+id, tokens, options, publisher and stream paths), and reading the errors other actors raise."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Container
+from dataclasses import asdict
+
+from deployments.publisher import SessionPublisher
+from dwm.session import DrivingSession
+from dwm.world.base import UnknownEgoError, WorldUnavailableError
+
+LAYOUT_KINDS = ("map", "boxes", "both")
+MAX_VIEW_TOKENS = 64  # viewer tokens per session (its own included)
+
+
+def new_session_id(taken: Container[str], draw: Callable[[], str] = lambda: secrets.token_hex(8)) -> str:
+    """A new session id: 64 random bits (16 hex digits), none of the `taken` ones. Ids are in
+    URLs and listed by GET /sessions, so they need not be secret (the token is), but they must
+    not be guessed into a collision."""
+    while (session_id := draw()) in taken:
+        pass
+    return session_id
+
+
+class ServedSession:
+    """A driving session as the app serves it: the `DrivingSession` (control, frames, stats)
+    with what HTTP needs around it: its id, tokens, options, publisher and stream paths.
+
+    Two kinds of token: the driver's (`token`: drive, end, share, and see), and read-only
+    viewer tokens (`view_tokens`: see the state, video and layout). The first viewer token is
+    minted with the session and goes into its stream URLs (`?token=`), so a URL handed to a
+    player never carries the driver's token; `POST /sessions/{id}/share` mints more."""
+
+    def __init__(
+        self,
+        session_id: str,
+        token: str,
+        session: DrivingSession,
+        publisher: SessionPublisher,
+        options: dict,
+        rtsp_url: str | None,
+    ):
+        self.id, self.token, self.session = session_id, token, session
+        self.publisher, self.options, self.rtsp_url = publisher, options, rtsp_url
+        self.watch = secrets.token_urlsafe(18)  # the viewer token of the session's own stream URLs
+        self.view_tokens: set[str] = {self.watch}
+        self.created = time.time()
+        self.control_lock = asyncio.Lock()  # one control merge at a time
+
+    def streams(self, view_token: str | None = None) -> dict:
+        """The stream paths; view_token: a viewer token put into the MJPEG URL (None: none)."""
+        query = f"?token={view_token}" if view_token else ""
+        return {"mjpeg": f"/sessions/{self.id}/video.mjpg{query}", "rtsp": self.rtsp_url}
+
+    def may_drive(self, token: str | None) -> bool:
+        # Compared as bytes: compare_digest raises TypeError for non-ASCII str, and any
+        # malformed token is simply not the session's.
+        return bool(token) and secrets.compare_digest(token.encode("utf-8", "surrogatepass"), self.token.encode("utf-8"))
+
+    def view_token_for(self, token: str | None) -> str | None:
+        """The viewer token that `token` opens this session with: the driver's token opens it
+        with the session's own; a viewer token with itself; anything else with none."""
+        if self.may_drive(token):
+            return self.watch
+        given = token.encode("utf-8", "surrogatepass") if token else b""
+        return next((v for v in self.view_tokens if token and secrets.compare_digest(given, v.encode("utf-8"))), None)
+
+    def state(self, sim_time: float, world_error: str | None = None, view_token: str | None = None) -> dict:
+        """The session's answer (`schemas.SessionState`); sim_time: the world's now; view_token:
+        the viewer token in its stream URLs."""
+        stats = self.session.stats(sim_time)
+        if world_error:
+            state = "world unavailable"
+        else:
+            state = "running" if stats.frames_out else "warming"
+        latency_s = stats.control_latency_s
+        return {
+            "id": self.id,
+            "state": state,
+            "error": world_error,
+            "ego": self.session.ego_id,
+            "created": self.created,
+            "options": self.options,
+            "control": self.session.control_state(),
+            "streams": self.streams(view_token),
+            "stats": {
+                **asdict(stats),
+                "fps": round(stats.fps, 3),
+                "control_latency_s": None if latency_s is None else round(latency_s, 4),
+                "viewers": self.publisher.viewers,
+                "rtsp": self.publisher.output_stats("rtsp"),
+                "recording": self.publisher.output_stats("recording"),
+            },
+        }
+
+
+def world_unavailable(err: BaseException) -> WorldUnavailableError | None:
+    """The WorldUnavailableError behind an error from the World actor (Ray wraps it), if any."""
+    # The original first: Ray's wrapper is an instance of the class too, but its text carries
+    # the remote traceback.
+    for candidate in (getattr(err, "cause", None), err.__cause__, err):
+        if isinstance(candidate, WorldUnavailableError):
+            return candidate
+    return None
+
+
+def unknown_ego(err: BaseException) -> UnknownEgoError | None:
+    """The UnknownEgoError behind an error from the World actor (Ray wraps it), if any."""
+    for candidate in (getattr(err, "cause", None), err.__cause__, err):
+        if isinstance(candidate, UnknownEgoError):
+            return candidate
+    return None
+
+
+def cause_of(err: BaseException) -> str:
+    """The message of the error raised inside another actor (Ray wraps it with its traceback)."""
+    cause = getattr(err, "cause", None) or err
+    return str(cause).strip().splitlines()[-1]
