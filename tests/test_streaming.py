@@ -19,7 +19,6 @@ from PIL import Image
 from dwm.pipelines.decode import to_uint8_views
 from dwm.video import StreamConnectionError, VideoEncoder, compose_strip, session_rtsp_url
 from dwm.video.background import BackgroundEncoder
-from dwm.video.encoder import ACCESS_UNIT_DELIMITER
 from tests.waiting import eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,26 +74,26 @@ def decode_file(path: Path) -> list[av.VideoFrame]:
 
 
 def receive(url: str, queue: mp.Queue) -> None:
-    """An RTSP server in FFmpeg's listen mode: takes one publisher, sends back what it decodes.
+    """An RTSP server in FFmpeg's listen mode: takes one publisher, sends back what it decodes,
+    and at the end the error lines FFmpeg logged while reading and decoding the stream.
 
     Runs in its own process: PyAV keeps the GIL while a publisher connects, so a receiver
     thread in the publisher's process could never answer it.
     """
     try:
-        with av.open(
-            url,
-            options={"rtsp_flags": "listen", "listen_timeout": "30", "probesize": "32",
-                     "analyzeduration": "0"},
-            timeout=(30.0, 10.0),
-        ) as c:
-            for packet in c.demux(c.streams.video[0]):
-                if bytes(packet) == ACCESS_UNIT_DELIMITER:
-                    # The delimiter after the last frame reaches the reader alone at teardown;
-                    # it holds no picture (FFmpeg's decoder calls it invalid data).
-                    continue
-                for frame in packet.decode():
-                    queue.put(("frame", frame.to_ndarray(format="rgb24")))
-        queue.put(("done", None))
+        av.logging.set_level(av.logging.ERROR)
+        with av.logging.Capture(local=False) as logged:
+            with av.open(
+                url,
+                options={"rtsp_flags": "listen", "listen_timeout": "30", "probesize": "32",
+                         "analyzeduration": "0"},
+                timeout=(30.0, 10.0),
+            ) as c:
+                for packet in c.demux(c.streams.video[0]):
+                    for frame in packet.decode():
+                        queue.put(("frame", frame.to_ndarray(format="rgb24")))
+        errors = [f"[{name}] {text.strip()}" for level, name, text in logged if level <= av.logging.ERROR]
+        queue.put(("done", errors))
     except BaseException as e:
         queue.put(("error", repr(e)))
 
@@ -119,11 +118,13 @@ class Receiver:
         return value
 
     def all_frames(self) -> list[np.ndarray]:
-        """Every frame still to come, until the publisher has closed the stream."""
+        """Every frame still to come, until the publisher has closed the stream, which must end
+        cleanly: no error logged by FFmpeg's reader or decoder."""
         frames = []
         while True:
             kind, value = self._queue.get(timeout=30)
             if kind == "done":
+                assert value == [], f"FFmpeg logged errors reading the stream: {value}"
                 break
             assert kind == "frame", f"the RTSP receiver failed: {value}"
             frames.append(value)
@@ -168,9 +169,10 @@ def test_rtsp_receiver_gets_every_frame_in_order_with_its_content(receiver):
             publisher.publish(make_frame(k), k / 10)
     frames = receiver.all_frames()
 
-    assert len(frames) == n
+    # Closing ends the stream on a picture: the last one, shown once more.
+    assert len(frames) == n + 1
     for k, img in enumerate(frames):
-        assert_matches_sent(img, k)
+        assert_matches_sent(img, min(k, n - 1))
     # The picture changes over time.
     assert np.abs(frames[0].astype(int) - frames[n - 1].astype(int)).mean() > 10
 
@@ -193,7 +195,8 @@ def test_rtsp_receiver_shows_each_frame_before_the_next_is_sent(receiver):
                 publisher.publish(make_frame(k), k / 2)
     events += [("decoded", read_id(img)) for img in receiver.all_frames()]
 
-    assert events == [e for k in range(n) for e in (("sent", k), ("decoded", k))]
+    # (the last picture comes once more when the stream is closed)
+    assert events == [e for k in range(n) for e in (("sent", k), ("decoded", k))] + [("decoded", n - 1)]
 
 
 def test_rtsp_without_a_server_says_what_to_start():
@@ -315,7 +318,7 @@ def test_mp4_and_rtsp_together_both_decode_fully(tmp_path, receiver):
         for k in range(1, n):
             publisher.publish(make_frame(k), k / 10)
 
-    assert [read_id(img) for img in receiver.all_frames()] == list(range(n))
+    assert [read_id(img) for img in receiver.all_frames()] == [*range(n), n - 1]  # last shown again at the end
     frames = decode_file(path)
     assert len(frames) == n
     for k, frame in enumerate(frames):

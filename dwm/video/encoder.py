@@ -33,9 +33,10 @@ TIME_BASE = Fraction(1, 1000)  # s per pts tick
 # Access-unit delimiter NAL (Annex B start code, type 9, any slice type). FFmpeg's RTSP/H.264
 # reader holds each frame until it sees the start of the next access unit; an AUD right
 # after the frame ends it, so the receiver shows the frame at once instead of one frame
-# interval late (measured: 503 ms at 2 fps without it, about 2 ms with it). The delimiter
-# after the last frame reaches FFmpeg-based readers alone at teardown, as one packet without a
-# picture (ffplay logs one "invalid data" line at the end; a PyAV reader should skip it).
+# interval late (measured: 503 ms at 2 fps without it, about 2 ms with it). A delimiter after
+# the very last frame would reach the reader alone at teardown, an access unit without a
+# picture ("missing picture in access unit", "no frame!"): closing the stream sends the last
+# picture once more, one frame interval later, without one (`_RtspSink.close`).
 ACCESS_UNIT_DELIMITER = b"\x00\x00\x00\x01\x09\xf0"
 RTSP_TRANSPORTS = ("tcp", "udp")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -276,20 +277,26 @@ class _Sink:
         self._container = container
         self._settings = settings
         self._stream: av.video.stream.VideoStream | None = None
+        self._last: av.VideoFrame | None = None  # the last frame written
 
     def write(self, frame: av.VideoFrame) -> None:
         if self._stream is None:
             self._stream = self._add_stream(frame)
         for packet in self._stream.encode(frame):
             self._mux(packet)
+        self._last = frame
 
     def close(self, flush: bool) -> None:
         try:
             if flush and self._stream is not None:
-                for packet in self._stream.encode(None):
-                    self._mux(packet)
+                self._finish()
         finally:
             self._container.close()
+
+    def _finish(self) -> None:
+        """Flush the encoder into the container."""
+        for packet in self._stream.encode(None):
+            self._mux(packet)
 
     def _add_stream(self, frame: av.VideoFrame) -> av.video.stream.VideoStream:
         s = self._settings
@@ -367,6 +374,19 @@ class _RtspSink(_Sink):
                 ) from e
             raise StreamConnectionError(f"the RTSP server at {self._url!r} dropped the stream ({e})") from e
         self._connected = True
+
+    def _finish(self) -> None:
+        """Repeat the last picture one frame interval later and send it, and whatever the encoder
+        still holds, without delimiters: the stream then ends on a picture, not on a lone AUD."""
+        if self._last is None or not self._connected:
+            return super()._finish()
+        again = self._last.reformat()  # a copy, so the caller's frame keeps its pts
+        again.pts = self._last.pts + max(1, round(1 / (float(self._settings.rate) * TIME_BASE)))
+        again.time_base = TIME_BASE
+        packets = [*self._stream.encode(again), *self._stream.encode(None)]
+        for packet in packets:
+            if packet.size:
+                self._container.mux(packet)
 
 
 def _check_encoder_settings(settings: _EncoderSettings) -> None:
