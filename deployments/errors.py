@@ -64,8 +64,20 @@ class InvalidRequest(SessionError):
     type = "invalid_request"
 
 
+class NotOffered(SessionError):
+    """A valid request for something this server is configured not to do (recording without
+    serve.record_dir): refused as not allowed here, not as bad input."""
+
+    status = 403
+    loc = ("body",)
+    type = "not_offered"
+
+
 class SessionLimit(SessionError):
-    status = 503
+    """No room for another session now (serve.max_sessions, or no free place for a car): a
+    limit the client meets, not a failure of the server; answered with Retry-After."""
+
+    status = 429
     type = "session_limit"
 
 

@@ -15,12 +15,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.errors import SessionError, SessionLost, SessionNotFound
 from deployments.schemas import (
     ControlRequest,
     ControlState,
+    LAYOUT_KINDS,
     ErrorAnswer,
     SessionCreated,
     SessionOptions,
@@ -36,6 +38,7 @@ MJPEG_BOUNDARY = "frame"
 FRAME_WAIT_S = 10.0  # long-poll length for the next frame; the stream stays open across polls
 DEFAULT_MAX_BODY_BYTES = 65536  # config serve.max_body_bytes
 SHOWN_CHARS = 64  # of an input an error answer repeats; a longer one is cut to this
+RETRY_AFTER_S = 5  # when no session can start now
 
 api = FastAPI(
     title="dwm-serve",
@@ -53,10 +56,11 @@ _ALLOWED = allowed_values()
 _MEANINGS = {
     400: "the body could not be read",
     401: "no token: send `Authorization: Bearer <token>`",
-    403: "the token is not this session's",
+    403: "the token is not this session's; or (POST /sessions) something this server does not offer, e.g. recording",
     404: "no such driving session",
     413: "the request body is larger than config serve.max_body_bytes",
     415: "a body not sent as `Content-Type: application/json`",
+    429: "no room for another session now (config serve.max_sessions); try again after Retry-After seconds",
     422: "a value out of range, of the wrong type or unknown; the message says what is allowed",
     503: "cannot be served now; the message says why",
 }
@@ -70,6 +74,22 @@ def _errors(*codes: int, by_ref: bool = False) -> dict:
         content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorAnswer"}}}
         return {code: {"description": _MEANINGS[code], "content": content} for code in codes}
     return {code: {"model": ErrorAnswer, "description": _MEANINGS[code]} for code in codes}
+
+
+def _links(token: str, *operations: str) -> dict:
+    """OpenAPI links from an answer carrying a session's `id` and a `token` to the operations on
+    that session (so a generated client, or a fuzzer, can follow them). token: how the
+    operations take it, "header" (`Authorization: Bearer`) or "query" (`?token=`)."""
+    where = {"header": ("header.authorization", "Bearer {$response.body#/token}"),
+             "query": ("query.token", "$response.body#/token")}[token]
+    return {
+        op: {
+            "operationId": op,
+            "parameters": {"session_id": "$response.body#/id", where[0]: where[1]},
+            "description": f"`{op}` of the session in this answer, with its token",
+        }
+        for op in operations
+    }
 
 
 def _short(text: str) -> str:
@@ -107,13 +127,27 @@ async def _explain_invalid(request: Request, exc: RequestValidationError) -> JSO
 async def _refused(request: Request, exc: StarletteHTTPException) -> Response:
     """Every other error answer in the same shape, `{"detail": [{"loc", "msg", "type"}]}`,
     Starlette's own too (404 for a path that is not there, 405)."""
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette's Allow names the methods of the first route of the path only (GET and
+        # POST /sessions are two routes): name every method the path answers.
+        allowed = _methods_of(request.scope)
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        exc = StarletteHTTPException(405, f"{request.method} is not answered here; allowed: {', '.join(allowed)}")
     if not is_body_allowed_for_status_code(exc.status_code):
-        return Response(status_code=exc.status_code, headers=exc.headers)
+        return Response(status_code=exc.status_code, headers=headers)
     detail = exc.detail
     if not isinstance(detail, list):
         kind = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
         detail = [_item([], str(detail), kind)]
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+
+def _methods_of(scope: Scope) -> list[str]:
+    """The methods some route answers at the request's path, in a fixed order (asked of the
+    router as it routes, so routes of included routers count too)."""
+    return [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
+            if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in api.router.routes)]
 
 
 class BodyTooLarge(HTTPException):
@@ -254,7 +288,7 @@ class Ingress:
             result = SessionLost(f"driving session {args[0]!r} was lost: the session manager that held it "
                                  "stopped and a new one took its place; start a new session (POST /sessions)")
         if isinstance(result, SessionError):
-            headers = {"WWW-Authenticate": "Bearer"} if result.status == 401 else None
+            headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_S)}}.get(result.status)
             raise HTTPException(result.status, result.detail(), headers=headers)
         return result
 
@@ -264,13 +298,16 @@ class Ingress:
         return {**streams, "mjpeg": base + streams["mjpeg"]}
 
     @api.get("/", response_class=HTMLResponse, summary="The browser page: start a session, watch it, drive it",
-             responses=_errors(413, by_ref=True))
+             responses=_errors(413, by_ref=True), operation_id="page")
     async def page(self):
         return HTMLResponse(self.page_html)
 
     @api.post(
         "/sessions", status_code=201, response_model=SessionCreated, summary="Start a driving session",
-        responses=_errors(400, 413, 415, 422, 503), dependencies=[Depends(_json_body)],
+        responses={201: {"links": _links("header", "get_session", "control_session", "share_session",
+                                         "session_layout", "end_session")},
+                   **_errors(400, 403, 413, 415, 422, 429, 503)},
+        dependencies=[Depends(_json_body)], operation_id="start_session",
     )
     async def create_session(self, request: Request, options: SessionOptions | None = Body(None)):
         created = await self._call("create", (options or SessionOptions()).model_dump())
@@ -279,7 +316,7 @@ class Ingress:
             del self.started[next(iter(self.started))]  # the oldest
         return {**created, "streams": self._absolute(request, created["streams"])}
 
-    @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422, 503),
+    @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422, 503), operation_id="list_sessions",
              summary="The driving sessions the token given may see (all of them with serve.public_viewing)")
     async def list_sessions(self, request: Request, authorization: str | None = Header(None),
                             token: str | None = TOKEN_QUERY):
@@ -288,7 +325,7 @@ class Ingress:
 
     @api.get(
         "/sessions/{session_id}", response_model=SessionState, summary="A session's state and stats",
-        responses=_errors(401, 403, 404, 413, 422, 503),
+        responses=_errors(401, 403, 404, 413, 422, 503), operation_id="get_session",
     )
     async def get_session(self, session_id: str, request: Request, authorization: str | None = Header(None),
                           token: str | None = TOKEN_QUERY):
@@ -298,7 +335,9 @@ class Ingress:
     @api.post(
         "/sessions/{session_id}/share", response_model=SessionShared, status_code=201,
         summary="A read-only viewer token for the session, and its stream URLs with it (the driver only)",
-        responses=_errors(401, 403, 404, 413, 422, 503),
+        responses={201: {"links": _links("query", "get_session", "session_layout")},
+                   **_errors(401, 403, 404, 413, 422, 503)},
+        operation_id="share_session",
     )
     async def share(self, session_id: str, request: Request, authorization: str | None = Header(None)):
         shared = await self._call("share", session_id, _bearer(authorization))
@@ -307,6 +346,7 @@ class Ingress:
     @api.post(
         "/sessions/{session_id}/control", response_model=ControlState, summary="Drive: merge into the sticky control",
         responses=_errors(400, 401, 403, 404, 413, 415, 422, 503), dependencies=[Depends(_json_body)],
+        operation_id="control_session",
     )
     async def control(self, session_id: str, changes: ControlRequest, authorization: str | None = Header(None)):
         return await self._call("control", session_id, _bearer(authorization), changes.model_dump(exclude_none=True))
@@ -315,7 +355,7 @@ class Ingress:
         "/sessions/{session_id}",
         response_model=SessionState,
         summary="End a session: frees its car, queue and stream; answers its final state",
-        responses=_errors(401, 403, 404, 413, 422, 503),
+        responses=_errors(401, 403, 404, 413, 422, 503), operation_id="end_session",
     )
     async def delete_session(self, session_id: str, request: Request, authorization: str | None = Header(None)):
         try:
@@ -331,7 +371,7 @@ class Ingress:
         "/sessions/{session_id}/video.mjpg",
         summary="The session's live video: multipart/x-mixed-replace JPEG frames",
         response_class=StreamingResponse,
-        responses=_errors(401, 403, 404, 413, 422, 503),
+        responses=_errors(401, 403, 404, 413, 422, 503), operation_id="session_video",
     )
     async def video(self, session_id: str, authorization: str | None = Header(None), token: str | None = TOKEN_QUERY):
         await self._call("get", session_id, _seeing(authorization, token))  # 404 or 401/403 before the stream
@@ -361,7 +401,7 @@ class Ingress:
 
     @api.get(
         "/pipelines", summary="Where the model runs: pipelines, their sessions, each stage's GPU and node",
-        responses=_errors(413, 503),
+        responses=_errors(413, 503), operation_id="pipelines",
     )
     async def pipelines(self):
         return await self._call("pipelines")
@@ -373,8 +413,13 @@ class Ingress:
             200: {"content": {"image/png": {}}}, 204: {"description": "no conditions yet"},
             **_errors(401, 403, 404, 413, 422, 503),
         },
+        operation_id="session_layout",
     )
-    async def layout(self, session_id: str, kind: str = Query("both", description="map, boxes or both"),
+    # kind is checked after the session (an unknown session is 404 whatever its kind), so the
+    # enum is the schema's only: FastAPI would refuse a bad kind before the route runs.
+    async def layout(self, session_id: str,
+                     kind: str = Query("both", description="map, boxes or both",
+                                       json_schema_extra={"enum": list(LAYOUT_KINDS)}),
                      authorization: str | None = Header(None), token: str | None = TOKEN_QUERY):
         png = await self._call("layout_png", session_id, kind, _seeing(authorization, token))
         if png is None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from dwm.world.base import VehicleControl
+
+
+LAYOUT_KINDS = ("map", "boxes", "both")  # GET /sessions/{id}/layout.png?kind=
 
 
 def _range(name: str) -> tuple[float, float]:
@@ -31,6 +34,19 @@ class ControlRequest(BaseModel):
     autopilot: bool | None = Field(None, description="the traffic model drives the ego; true or false")
 
 
+def _whole(value):
+    """A JSON number with no fraction (700.0) is a whole number as JSON Schema's "integer" says;
+    anything else is left for strict validation (which refuses strings, booleans, 700.5)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# torch.manual_seed takes values below 2**63: a larger one must be refused here, not overflow
+# later. The bound is I-JSON's (RFC 7493): whole numbers up to 2**53 - 1 read exactly in every
+# JSON reader (JavaScript's numbers, clients that parse JSON numbers as doubles), larger ones may
+# arrive as another number than the one sent.
+Seed = Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_whole)]
+
+
 class SessionOptions(BaseModel):
     """Options of a new driving session (the POST /sessions body; all optional)."""
 
@@ -41,9 +57,7 @@ class SessionOptions(BaseModel):
         None, description="draw the layout over the generated views; true or false (default: config stream.overlay)"
     )
     record: bool = Field(False, description="record the session to an MP4 file in serve.record_dir; true or false")
-    # torch.manual_seed takes values below 2**63; a larger one must be refused here, not overflow later.
-    seed: int | None = Field(None, ge=0, lt=2**63,
-                             description="seed of the session's denoising noise; a whole number, 0 <= seed < 2**63 (default: config seed)")
+    seed: Seed | None = Field(None, description="seed of the session's denoising noise; a whole number, 0 <= seed <= 2**53 - 1 (default: config seed)")
 
 
 class Streams(BaseModel):

@@ -13,7 +13,6 @@ from deployments.publisher import SessionPublisher
 from dwm.session import DrivingSession
 from dwm.world.base import UnknownEgoError, WorldUnavailableError
 
-LAYOUT_KINDS = ("map", "boxes", "both")
 MAX_VIEW_TOKENS = 64  # viewer tokens per session (its own included)
 
 

@@ -23,11 +23,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import (
-    InvalidRequest, MissingToken, SessionLimit, SessionNotFound, WorldGone, WrongToken, refusals,
+    InvalidRequest, MissingToken, NotOffered, SessionLimit, SessionNotFound, WorldGone, WrongToken, refusals,
 )
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
+from deployments.schemas import LAYOUT_KINDS
 from deployments.served import (
-    LAYOUT_KINDS, MAX_VIEW_TOKENS, ServedSession, cause_of, new_session_id, unknown_ego, world_unavailable,
+    MAX_VIEW_TOKENS, ServedSession, cause_of, new_session_id, unknown_ego, world_unavailable,
 )
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.frame import ConditionFrame
@@ -253,7 +254,8 @@ class SessionManager:
         record = bool(options.get("record", False))
         record_dir = self.cfg.serve.record_dir
         if record and not record_dir:
-            raise InvalidRequest("record: recording is off on this server (config serve.record_dir is not set)")
+            raise NotOffered("record: recording is off on this server (config serve.record_dir is not set)",
+                             loc=("body", "record"))
         self._starting += 1
         try:
             return await self._start(options, record_dir if record else None)

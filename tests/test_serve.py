@@ -371,16 +371,21 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
     r = requests.post(f"{base}/sessions", json={"colour": "red"}, timeout=30)
     assert r.status_code == 422 and "autopilot" in r.json()["detail"][0]["msg"]
     # A seed torch cannot take is refused with its range, not a server error.
-    for seed in (2**63, 2**64, 10**30):
+    for seed in (2**53, 2**63, 2**64, 10**30):
         r = requests.post(f"{base}/sessions", json={"seed": seed}, timeout=30)
         assert r.status_code == 422, r.text
-        assert "seed" in r.text and "2**63" in r.json()["detail"][0]["msg"], r.text
+        assert "seed" in r.text and "2**53 - 1" in r.json()["detail"][0]["msg"], r.text
+    for seed in (7.5, "7", True):
+        r = requests.post(f"{base}/sessions", json={"seed": seed}, timeout=30)
+        assert r.status_code == 422 and "whole number" in r.json()["detail"][0]["msg"], r.text
+    api.create(seed=7.0)  # a whole number written as JSON Schema allows it
 
-    # Too many sessions: refused with the reason.
+    # Too many sessions: refused with the reason, as a limit the client meets (not a server error).
     while len(api.tokens) < MAX_SESSIONS:
         api.create()
     r = requests.post(f"{base}/sessions", timeout=30)
-    message = refusal(r, 503)
+    message = refusal(r, 429)
+    assert int(r.headers["Retry-After"]) > 0
     assert "serve.max_sessions" in message and str(MAX_SESSIONS) in message
 
     # None of it touched the running session: its control is the last good one and it goes on.
@@ -457,7 +462,7 @@ def test_bodies_too_large_not_json_or_long_are_refused_with_short_answers(api):
 ANSWERS = {
     ("/", "get"): {200, 413},
     ("/sessions", "get"): {200, 413, 422, 503},
-    ("/sessions", "post"): {201, 400, 413, 415, 422, 503},
+    ("/sessions", "post"): {201, 400, 403, 413, 415, 422, 429, 503},
     ("/sessions/{session_id}", "get"): {200, 401, 403, 404, 413, 422, 503},
     ("/sessions/{session_id}", "delete"): {200, 401, 403, 404, 413, 422, 503},
     ("/sessions/{session_id}/control", "post"): {200, 400, 401, 403, 404, 413, 415, 422, 503},

@@ -160,6 +160,10 @@ def tab(browser, base) -> Iterator[Tab]:
 def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, browser, base):
     page = tab.page
     assert requests.get(f"{base}/sessions", timeout=30).json() == []
+    # This server records nothing (no serve.record_dir): asking for it is refused as not
+    # offered here, naming the key, and starts no session.
+    r = requests.post(f"{base}/sessions", json={"record": True}, timeout=60)
+    assert r.status_code == 403 and "serve.record_dir" in r.json()["detail"][0]["msg"], r.text
     assert tab.text("#stats").strip() == "no session"
     assert page.is_disabled("#stop")
 
