@@ -43,8 +43,10 @@ def app(args: dict[str, str] | None = None) -> Application:
     check(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)  # crosses to the replicas as plain data
     s = cfg.serve
-    # Short graceful shutdowns: the actors close their streams in well under a second.
-    stop = {"graceful_shutdown_timeout_s": float(s.graceful_shutdown_s), "graceful_shutdown_wait_loop_s": 0.1}
+    # Short graceful shutdowns: the actors close their streams in well under a second. Health
+    # checks often enough that a replica that died is replaced in seconds (Serve's default: 10 s).
+    stop = {"graceful_shutdown_timeout_s": float(s.graceful_shutdown_s), "graceful_shutdown_wait_loop_s": 0.1,
+            "health_check_period_s": float(s.health_check_s)}
 
     world = WorldActor.options(ray_actor_options={"num_cpus": s.world.num_cpus}, **stop).bind(plain)
     denoiser = QueueServer.options(
@@ -101,6 +103,9 @@ def check(cfg: DictConfig) -> None:
             f"serve.stage.compiled_graph={s.stage.compiled_graph}: allowed true (Ray Compiled Graphs), "
             "false (plain Ray calls) or auto (true where the stages have GPUs)"
         )
+    health = s.health_check_s
+    if isinstance(health, bool) or not isinstance(health, (int, float)) or not health > 0:
+        raise ConfigError(f"serve.health_check_s={health}: must be a number of seconds > 0")
     if not isinstance(s.public_viewing, bool):
         raise ConfigError(f"serve.public_viewing={s.public_viewing}: must be true (anyone may see every session) "
                           "or false (a session is seen with its driver's or a viewer's token)")

@@ -126,8 +126,9 @@ class SessionStats(BaseModel):
 
 class SessionState(BaseModel):
     id: str
-    state: Literal["warming", "running", "world unavailable"]
-    error: str | None = Field(description="why the session makes no frames now (the world cannot be reached), or null")
+    state: Literal["warming", "running", "world unavailable", "denoiser unavailable"]
+    error: str | None = Field(description="why the session makes no frames now (the world or the denoiser cannot "
+                              "be reached, e.g. while Serve restarts it), or null")
     ego: str = Field(description="the ego car's id in the world")
     created: float = Field(description="Unix time the session was created")
     options: dict

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import asdict
 
+from ray.exceptions import RayActorError
+
 from deployments.publisher import SessionPublisher
 from dwm.session import DrivingSession
 from dwm.world.base import UnknownEgoError, WorldUnavailableError
@@ -68,19 +70,23 @@ class ServedSession:
         given = token.encode("utf-8", "surrogatepass") if token else b""
         return next((v for v in self.view_tokens if token and secrets.compare_digest(given, v.encode("utf-8"))), None)
 
-    def state(self, sim_time: float, world_error: str | None = None, view_token: str | None = None) -> dict:
+    def state(self, sim_time: float, world_error: str | None = None, view_token: str | None = None,
+              denoiser_error: str | None = None) -> dict:
         """The session's answer (`schemas.SessionState`); sim_time: the world's now; view_token:
-        the viewer token in its stream URLs."""
+        the viewer token in its stream URLs; world_error / denoiser_error: why that part cannot
+        be reached now, if it cannot (the world's reason first)."""
         stats = self.session.stats(sim_time)
         if world_error:
             state = "world unavailable"
+        elif denoiser_error:
+            state = "denoiser unavailable"
         else:
             state = "running" if stats.frames_out else "warming"
         latency_s = stats.control_latency_s
         return {
             "id": self.id,
             "state": state,
-            "error": world_error,
+            "error": world_error or denoiser_error,
             "ego": self.session.ego_id,
             "created": self.created,
             "options": self.options,
@@ -113,6 +119,11 @@ def unknown_ego(err: BaseException) -> UnknownEgoError | None:
         if isinstance(candidate, UnknownEgoError):
             return candidate
     return None
+
+
+def actor_died(err: BaseException) -> bool:
+    """Whether `err` says the replica called died (Serve starts a new one), rather than the call failing in it."""
+    return isinstance(err, RayActorError)  # ActorDiedError, ActorUnavailableError
 
 
 def cause_of(err: BaseException) -> str:

@@ -28,7 +28,7 @@ from deployments.errors import (
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
 from deployments.schemas import LAYOUT_KINDS
 from deployments.served import (
-    MAX_VIEW_TOKENS, ServedSession, cause_of, new_session_id, unknown_ego, world_unavailable,
+    MAX_VIEW_TOKENS, ServedSession, actor_died, cause_of, new_session_id, unknown_ego, world_unavailable,
 )
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.frame import ConditionFrame
@@ -41,6 +41,11 @@ from dwm.video.stills import encode_png
 from dwm.world.base import VehicleControl
 
 log = logging.getLogger("ray.serve")
+# A session's `error` while Serve replaces a replica that died.
+WORLD_RESTARTING = ("the world simulator stopped and Serve is starting a new one: the session goes on "
+                    "by itself with a new car in the new world (stats.ego_restarts)")
+DENOISER_RESTARTING = ("the denoiser stopped and Serve is starting a new one: the session goes on by itself "
+                       "with a new queue, the frames in the old one lost (stats.queue_restarts, gap_frames)")
 
 @serve.deployment(name="SessionManager", num_replicas=1, max_ongoing_requests=1000)
 class SessionManager:
@@ -63,6 +68,7 @@ class SessionManager:
         self._sampled = -math.inf  # realtime: sim time of the last round's observations
         self._denoising: asyncio.Task | None = None  # the last round's push, then its delivery
         self.world_error: str | None = None  # why the world cannot be reached now, if it cannot
+        self.denoiser_error: str | None = None  # why the denoiser cannot, likewise
         await self._release_orphans()
         self._tasks = [asyncio.create_task(self._rounds())]
         if self.realtime:
@@ -146,6 +152,12 @@ class SessionManager:
         if unknown_ego(err) is not None:
             await self._replace_egos()
             return
+        if actor_died(err):  # the World replica: Serve starts a new one, whose world lacks the cars
+            if self.world_error != WORLD_RESTARTING:
+                log.warning("the World replica stopped (%s); waiting for the new one", cause_of(err))
+            self.world_error = WORLD_RESTARTING
+            await asyncio.sleep(0.5)
+            return
         unavailable = world_unavailable(err)
         if unavailable is None:
             log.exception(what)
@@ -183,9 +195,16 @@ class SessionManager:
     async def _denoise(self, served: list[ServedSession], packed: dict[str, PackedConditions]) -> None:
         try:
             result = await self.denoiser.push_many.remote(packed)
-        except Exception:
-            log.exception("the denoiser failed on a round; its frames are lost")
+        except Exception as err:
+            if actor_died(err):  # Serve starts a new replica, which will not know the queues
+                if self.denoiser_error is None:
+                    log.warning("the QueueServer replica stopped (%s); waiting for the new one", cause_of(err))
+                self.denoiser_error = DENOISER_RESTARTING
+                await asyncio.sleep(0.5)  # the next round tries again
+            else:
+                log.exception("the denoiser failed on a round; its frames are lost")
             return
+        self.denoiser_error = None
         if result.unknown:
             await self._reopen([s for s in served if s.id in set(result.unknown)])
         for s in served:
@@ -308,13 +327,13 @@ class SessionManager:
         for s in self.sessions.values():
             view_token = s.view_token_for(token)
             if view_token or self.public_viewing:
-                out.append(s.state(self.sim_time, self.world_error, view_token))
+                out.append(s.state(self.sim_time, self.world_error, view_token, self.denoiser_error))
         return out
 
     @refusals
     def get(self, session_id: str, token: str | None = None) -> dict:
         served, view_token = self._viewed(session_id, token)
-        return served.state(self.sim_time, self.world_error, view_token)
+        return served.state(self.sim_time, self.world_error, view_token, self.denoiser_error)
 
     @refusals
     def share(self, session_id: str, token: str | None) -> dict:
