@@ -1,10 +1,11 @@
 """Lane lines, road edges and crosswalks of a Carla town, from its OpenDRIVE, in our world frame.
 
 The geometry comes from Carla's own OpenDRIVE implementation (`carla.Map`: waypoints at given
-`s`, lane widths, lane markings, crosswalk zones), so every reference-line geometry Carla knows
-(lines, arcs, spirals, cubic polynomials) is handled as the server handles it, and the lines
-fall exactly where the server's roads are. Only the road/section/lane layout (which lanes
-exist, their type, which roads lie in junctions) is read from the OpenDRIVE text itself.
+`s`, lane widths, lane markings), so every reference-line geometry Carla knows (lines, arcs,
+spirals, cubic polynomials) is handled as the server handles it, and the lines fall exactly
+where the server's roads are. The road/section/lane layout (which lanes exist, their type,
+which roads lie in junctions) and the crosswalk objects are read from the OpenDRIVE text
+itself (`dwm.world.opendrive`).
 
 What is drawn, per lane section, for each drivable lane (driving, bidirectional, entry/exit,
 on/off ramp), sampled every `step` metres along the lane:
@@ -13,22 +14,32 @@ on/off ramp), sampled every `step` metres along the lane:
 - the border between a drivable lane and anything else (sidewalk, shoulder, median, ...), or
   nothing at all outside junctions: a road edge (nuScenes' drivable-area border). In
   junctions a connecting road's bare side is open road, so only painted markings count there.
-- crosswalk outlines (OpenDRIVE objects of type crosswalk) as closed polygons.
+- crosswalk outlines (OpenDRIVE objects of type crosswalk, every outline of each) as closed
+  polygons.
+
+Which of a lane's two borders is its outer one (away from the reference line) is read from the
+lane layout around it (Carla's neighbouring lanes), so right- and left-hand traffic (`rule="LHT"`)
+come out as mirror images. Where Carla cannot evaluate a road's geometry (NaN: an arc of
+curvature 0, a spiral of constant curvature) the lines stop and start again after the gap;
+no chord is drawn across it.
 
 Computed once per town (a town takes about a second); `MapGeometry.near` culls per frame.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 import numpy as np
 
-from dwm.world.carla_pose import from_carla_points
 from dwm.world.base import MapKind
+from dwm.world.carla_pose import from_carla_points
 from dwm.world.map_geometry import MapGeometry
+from dwm.world.opendrive import CrosswalkOutline, LaneSection, OpenDrive
+
+log = logging.getLogger(__name__)
 
 DRIVABLE_LANE_TYPES = frozenset({"driving", "bidirectional", "entry", "exit", "onramp", "offramp"})
 # Carla's LaneMarkingType names -> our kind; the rest (NONE, Other, BottsDots, Grass) is not drawn.
@@ -42,41 +53,8 @@ MARKING_KINDS = {
     "Curb": MapKind.ROAD_EDGE,
 }
 SECTION_END_MARGIN_M = 1e-3  # sample this short of a section's end, where the next one begins
-CLOSED_TOL_M = 0.01  # a crosswalk corner this close to the polygon's first corner closes it
-
-
-@dataclass(frozen=True)
-class LaneSection:
-    """One lane section of the OpenDRIVE: s range (m) and lane id -> lane type (lower case)."""
-
-    road_id: int
-    in_junction: bool
-    s_start: float
-    s_end: float
-    lanes: dict[int, str]
-
-
-def lane_sections(xodr: str) -> list[LaneSection]:
-    """The lane sections of every road of an OpenDRIVE text, in document order."""
-    try:
-        root = ET.fromstring(xodr)
-    except ET.ParseError as err:
-        raise ValueError(f"the town's OpenDRIVE cannot be parsed: {err}") from None
-    sections = []
-    for road in root.iter("road"):
-        road_id, length = int(road.get("id")), float(road.get("length"))
-        in_junction = road.get("junction", "-1") != "-1"
-        xml_sections = road.findall("lanes/laneSection")
-        starts = [float(s.get("s", 0.0)) for s in xml_sections]
-        for i, section in enumerate(xml_sections):
-            end = starts[i + 1] if i + 1 < len(starts) else length
-            lanes = {
-                int(lane.get("id")): lane.get("type", "none").lower()
-                for side in ("left", "right")
-                for lane in section.findall(f"{side}/lane")
-            }
-            sections.append(LaneSection(road_id, in_junction, starts[i], end, lanes))
-    return sections
+CLOSED_TOL_M = 0.01  # a crosswalk's last corner this close to its first already closes it
+HEADING_DS_M = 0.05  # s step for the reference line's heading at a crosswalk
 
 
 def _neighbours(lane_id: int) -> tuple[int, int]:
@@ -105,31 +83,72 @@ def _border_kinds(section: LaneSection, lane_id: int, markings: list[str], outer
     return np.full(len(markings), MapKind.ROAD_EDGE, dtype=np.int8)
 
 
-def _sample_lane(carla_map, section: LaneSection, lane_id: int, step: float):
-    """Points along one lane: (n, 3) centres, (n, 3) right unit vectors, (n,) widths, in Carla's
-    frame, and the right / left marking type names; None when Carla has no such lane."""
+@dataclass(frozen=True)
+class LaneRun:
+    """A stretch of one lane that Carla evaluates, sampled: (n, 3) centres, (n, 3) right unit
+    vectors, (n,) widths, Carla's frame; the right and left marking type names per sample."""
+
+    centres: np.ndarray
+    rights: np.ndarray
+    widths: np.ndarray
+    right_marks: list[str]
+    left_marks: list[str]
+
+
+def _marking(marking) -> str:
+    """Carla's marking type name; no marking where the lane is sampled (no <roadMark>, or one
+    that starts further on) is None in Carla, and here "NONE"."""
+    return "NONE" if marking is None else marking.type.name
+
+
+def _sample_lane(carla_map, section: LaneSection, lane_id: int, step: float) -> tuple[list[LaneRun], bool, object]:
+    """One lane, sampled every `step` m at most: its runs (split where Carla's geometry is NaN,
+    so no line bridges a gap), whether any sample was NaN, and a waypoint of it (or None)."""
     length = section.s_end - section.s_start
     if length <= SECTION_END_MARGIN_M:
-        return None
+        return [], False, None
     count = max(1, math.ceil(length / step - 1e-9))
     s_values = section.s_start + np.arange(count + 1) * (length / count)  # evenly, `step` m at most
     s_values[-1] = section.s_end - SECTION_END_MARGIN_M
-    centres, rights, widths, right_marks, left_marks = [], [], [], [], []
+    runs: list[LaneRun] = []
+    run: list[tuple] = []
+    nan, first = False, None
+
+    def close_run() -> None:
+        if len(run) >= 2:
+            c, r, w, rm, lm = zip(*run)
+            runs.append(LaneRun(np.array(c), np.array(r), np.array(w), list(rm), list(lm)))
+        run.clear()
+
     for s in s_values:
-        wp = carla_map.get_waypoint_xodr(section.road_id, lane_id, float(s))
+        wp = carla_map.get_waypoint_xodr(section.carla_id, lane_id, float(s))
         if wp is None:
+            close_run()
             continue
         loc, right = wp.transform.location, wp.transform.get_right_vector()
-        if not all(math.isfinite(v) for v in (loc.x, loc.y, loc.z, right.x, right.y)):
-            continue  # a geometry Carla cannot evaluate here; the polyline bridges the gap
-        centres.append((loc.x, loc.y, loc.z))
-        rights.append((right.x, right.y, right.z))
-        widths.append(wp.lane_width)
-        right_marks.append(wp.right_lane_marking.type.name)
-        left_marks.append(wp.left_lane_marking.type.name)
-    if len(centres) < 2:
-        return None
-    return np.array(centres), np.array(rights), np.array(widths), right_marks, left_marks
+        if not all(math.isfinite(v) for v in (loc.x, loc.y, loc.z, right.x, right.y, right.z, wp.lane_width)):
+            nan = True  # a geometry Carla cannot evaluate here: the line stops
+            close_run()
+            continue
+        first = first or wp
+        run.append(((loc.x, loc.y, loc.z), (right.x, right.y, right.z), wp.lane_width,
+                    _marking(wp.right_lane_marking), _marking(wp.left_lane_marking)))
+    close_run()
+    return runs, nan, first
+
+
+def _right_is_outer(wp, lane_id: int, lht: bool) -> bool:
+    """Whether a lane's right side (in its driving direction, Carla's right vector) is its
+    outer side, away from the reference line: read from the lanes next to it. Without
+    neighbours, from the traffic rule: right-hand traffic drives with the outer side on the
+    right, left-hand traffic with the inner side."""
+    for neighbour, on_right in ((wp.get_right_lane(), True), (wp.get_left_lane(), False)):
+        if neighbour is None or neighbour.lane_id == 0:
+            continue
+        n = neighbour.lane_id
+        outward = (n > 0) == (lane_id > 0) and abs(n) > abs(lane_id)
+        return outward if on_right else not outward
+    return not lht
 
 
 def _segments(points: np.ndarray, kinds: np.ndarray):
@@ -138,22 +157,72 @@ def _segments(points: np.ndarray, kinds: np.ndarray):
     return points[:-1][keep], points[1:][keep], kinds[:-1][keep]
 
 
-def crosswalk_polygons(carla_map) -> list[np.ndarray]:
-    """Crosswalk outlines, our world frame, each a closed (m + 1, 3) polygon.
+def _reference_pose(carla_map, drive: OpenDrive, road_id: str, s: float) -> tuple[np.ndarray, float] | None:
+    """The road's reference line at `s`, our frame: (3,) point m and heading rad; None where
+    Carla has no lane there. Carla gives lanes, not the reference line: it is the inner border
+    of the innermost lane, moved back by the lane offset."""
+    section = drive.section_at(road_id, s)
+    if section is None:
+        return None
+    lht = road_id in drive.lht_roads
+    s = min(max(s, section.s_start), section.s_end - SECTION_END_MARGIN_M)
+    # Two points a little apart along the road give the heading: after s, or before it at the
+    # section's end.
+    ahead = s + HEADING_DS_M < section.s_end
+    pair = (s, s + HEADING_DS_M) if ahead else (s - HEADING_DS_M, s)
+    for lane_id in (-1, 1):
+        if lane_id not in section.lanes:
+            continue
+        points = []
+        for at in pair:
+            wp = carla_map.get_waypoint_xodr(section.carla_id, lane_id, float(at))
+            if wp is None:
+                break
+            loc, right = wp.transform.location, wp.transform.get_right_vector()
+            inner = -1.0 if _right_is_outer(wp, lane_id, lht) else 1.0
+            half = wp.lane_width / 2.0 * inner
+            points.append((loc.x + half * right.x, loc.y + half * right.y, loc.z + half * right.z))
+        if len(points) < 2 or not np.isfinite(points).all():
+            continue
+        before, after = from_carla_points(np.array(points))
+        heading = math.atan2(after[1] - before[1], after[0] - before[0])
+        left = np.array([-math.sin(heading), math.cos(heading), 0.0])
+        here = before if ahead else after
+        return here - drive.lane_offset(road_id, s) * left, heading
+    return None
 
-    Carla returns all corners of all crosswalks in one list, each polygon closed by repeating
-    its first corner (its towns' outlines are written that way); an outline whose corners never
-    return to the first is closed here.
-    """
-    points = np.array([(p.x, p.y, p.z) for p in carla_map.get_crosswalks()], dtype=np.float64).reshape(-1, 3)
-    polygons, start = [], 0
-    for i in range(1, len(points)):
-        if i > start + 1 and np.linalg.norm(points[i] - points[start]) <= CLOSED_TOL_M:
-            polygons.append(points[start : i + 1])
-            start = i + 1
-    if len(points) - start >= 3:  # corners left that never closed: one more polygon
-        polygons.append(np.concatenate([points[start:], points[start : start + 1]]))
-    return [from_carla_points(p) for p in polygons]
+
+def _crosswalk_polygon(carla_map, drive: OpenDrive, outline: CrosswalkOutline) -> np.ndarray | None:
+    """One crosswalk outline as a closed polygon (k + 1, 3), our frame; None off the roads."""
+    if outline.kind == "local":
+        pose = _reference_pose(carla_map, drive, outline.road_id, outline.s)
+        if pose is None:
+            return None
+        ref, heading = pose
+        left = np.array([-math.sin(heading), math.cos(heading), 0.0])
+        origin = ref + outline.t * left + np.array([0.0, 0.0, outline.z_offset])
+        yaw = heading + outline.hdg
+        u, v, z = outline.corners.T
+        corners = origin + np.stack([u * math.cos(yaw) - v * math.sin(yaw), u * math.sin(yaw) + v * math.cos(yaw), z], 1)
+    else:
+        corners = []
+        for s, t, dz in outline.corners:
+            pose = _reference_pose(carla_map, drive, outline.road_id, float(s))
+            if pose is None:
+                return None
+            ref, heading = pose
+            corners.append(ref + t * np.array([-math.sin(heading), math.cos(heading), 0.0]) + [0.0, 0.0, dz])
+        corners = np.array(corners)
+    if np.linalg.norm(corners[-1] - corners[0]) <= CLOSED_TOL_M:
+        corners = corners[:-1]  # written closed (Carla's towns repeat the first corner)
+    return np.concatenate([corners, corners[:1]])
+
+
+def crosswalk_polygons(carla_map, drive: OpenDrive) -> list[np.ndarray]:
+    """Every outline of every crosswalk object of the OpenDRIVE, each its own closed
+    (k + 1, 3) polygon in our world frame."""
+    polygons = (_crosswalk_polygon(carla_map, drive, outline) for outline in drive.crosswalks)
+    return [p for p in polygons if p is not None and np.isfinite(p).all()]
 
 
 def extract_map(carla_map, step: float = 1.0) -> MapGeometry:
@@ -163,24 +232,35 @@ def extract_map(carla_map, step: float = 1.0) -> MapGeometry:
     """
     if not (isinstance(step, (int, float)) and step > 0):
         raise ValueError(f"world.map_step={step!r} must be a positive number of metres")
+    drive = OpenDrive.parse(carla_map.to_opendrive(), getattr(carla_map, "name", "the town"))
     starts, ends, kinds = [], [], []
-    for section in lane_sections(carla_map.to_opendrive()):
+    nan_roads: set[str] = set()
+    for section in drive.sections:
+        lht = section.road_id in drive.lht_roads
         for lane_id, lane_type in section.lanes.items():
             if lane_type not in DRIVABLE_LANE_TYPES:
                 continue
-            sampled = _sample_lane(carla_map, section, lane_id, float(step))
-            if sampled is None:
+            runs, nan, wp = _sample_lane(carla_map, section, lane_id, float(step))
+            if nan:
+                nan_roads.add(section.road_id)
+            if not runs:
                 continue
-            centres, rights, widths, right_marks, left_marks = sampled
-            half = (widths / 2.0)[:, None] * rights  # (n, 3) from the centre to the right border
-            for outer, border, marks in ((True, centres + half, right_marks), (False, centres - half, left_marks)):
-                border_kinds = _border_kinds(section, lane_id, marks, outer)
-                if border_kinds is not None:
-                    a, b, k = _segments(from_carla_points(border), border_kinds)
-                    starts.append(a)
-                    ends.append(b)
-                    kinds.append(k)
-    for polygon in crosswalk_polygons(carla_map):
+            right_outer = _right_is_outer(wp, lane_id, lht)
+            for run in runs:
+                half = (run.widths / 2.0)[:, None] * run.rights  # (n, 3) from the centre to the right border
+                for border, marks, on_right in ((run.centres + half, run.right_marks, True),
+                                                (run.centres - half, run.left_marks, False)):
+                    border_kinds = _border_kinds(section, lane_id, marks, outer=on_right == right_outer)
+                    if border_kinds is not None:
+                        a, b, k = _segments(from_carla_points(border), border_kinds)
+                        starts.append(a)
+                        ends.append(b)
+                        kinds.append(k)
+    if nan_roads:
+        log.warning("%s: Carla cannot evaluate the geometry of part of road(s) %s (NaN: e.g. an arc of "
+                    "curvature 0 or a spiral of constant curvature); their lines stop there",
+                    getattr(carla_map, "name", "the town"), ", ".join(sorted(nan_roads)))
+    for polygon in crosswalk_polygons(carla_map, drive):
         starts.append(polygon[:-1])
         ends.append(polygon[1:])
         kinds.append(np.full(len(polygon) - 1, MapKind.CROSSWALK, dtype=np.int8))

@@ -5,7 +5,9 @@ points, and the `world.weather` config as Carla weather."""
 from __future__ import annotations
 
 import hashlib
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from pathlib import Path
 
 from dwm.world.carla_map import extract_map
 from dwm.world.map_geometry import MapGeometry
@@ -25,6 +27,30 @@ def town_geometry(town, step: float) -> MapGeometry:
     if key not in _MAPS:
         _MAPS[key] = extract_map(town, step)
     return _MAPS[key]
+
+
+def town_from_file(carla, path: str | Path, key: str = "world.map"):
+    """A `carla.Map` built offline from an OpenDRIVE file (no server: Carla's client builds it).
+    ValueError naming the config `key`, the file and why: missing, not XML, or refused by Carla."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{key}={str(path)!r}: no such file (give the path of an OpenDRIVE .xodr file)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as err:
+        raise ValueError(f"{key}={str(path)!r} is not an OpenDRIVE file: the XML cannot be read ({err})") from None
+    if root.tag != "OpenDRIVE" or root.find("road") is None:
+        raise ValueError(f"{key}={str(path)!r} is not an OpenDRIVE file with roads (its root is <{_short_tag(root.tag)}>, "
+                         f"with {len(root.findall('road'))} <road>)")
+    try:
+        return carla.Map(path.stem, text)
+    except RuntimeError as err:
+        raise ValueError(f"{key}={str(path)!r}: Carla refuses this OpenDRIVE file ({err})") from None
+
+
+def _short_tag(tag: str) -> str:
+    return tag if len(tag) <= 40 else tag[:40] + "..."
 
 
 def town_description(town) -> str:
