@@ -97,13 +97,14 @@ def test_left_hand_traffic_is_the_mirror_image_of_right_hand_traffic():
 
 
 def test_every_crosswalk_of_the_file_is_its_own_closed_polygon():
-    # Four crosswalks across a straight road, 4 m wide, at s = 20, 40, 60, 80 m: two as
-    # <outline> with an unrepeated first corner, one in <outlines>, one with cornerRoad corners.
+    # Five crosswalks across a straight road, 4 m wide, centred at s = 20, 40, 60, 80, 88 m: two
+    # as <outline> with an unrepeated first corner, one in <outlines>, one with cornerRoad
+    # corners, and one as a two-corner line at s = 90 m with a 4 m marking on its left.
     g = extract("crosswalks_opendrive.xodr")
     a, b = segments(g, MapKind.CROSSWALK)
-    assert len(a) == 16  # four closed quadrilaterals
+    assert len(a) == 20  # five closed quadrilaterals
     half = 2 * LANE + SIDEWALK
-    for s in (20.0, 40.0, 60.0, 80.0):
+    for s in (20.0, 40.0, 60.0, 80.0, 88.0):
         here = (np.abs(a[:, 0] - s) <= 2.01) & (np.abs(b[:, 0] - s) <= 2.01)
         assert here.sum() == 4, s
         corners = np.unique(np.round(a[here, :2], 2), axis=0)
@@ -138,6 +139,9 @@ def test_a_file_carla_refuses_or_that_is_no_opendrive_is_a_clear_error(tmp_path)
     broken.write_text("<OpenDRIVE><road id='1'")
     with pytest.raises(ValueError, match=r"broken\.xodr.*XML cannot be read"):
         town_from_file(carla, broken)
+    # A file that is OpenDRIVE, but that Carla's own map building fails on (its C++ raises).
+    with pytest.raises(ValueError, match=r"direct_junction\.xodr.*Carla cannot build a map.*IndexError"):
+        town_from_file(carla, DATA / "direct_junction.xodr")
     other = tmp_path / "page.xodr"
     other.write_text("<html><body/></html>")
     with pytest.raises(ValueError, match=r"page\.xodr.*not an OpenDRIVE file with roads"):

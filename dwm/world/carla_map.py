@@ -213,7 +213,13 @@ def _crosswalk_polygon(carla_map, drive: OpenDrive, outline: CrosswalkOutline) -
             ref, heading = pose
             corners.append(ref + t * np.array([-math.sin(heading), math.cos(heading), 0.0]) + [0.0, 0.0, dz])
         corners = np.array(corners)
-    if np.linalg.norm(corners[-1] - corners[0]) <= CLOSED_TOL_M:
+    if len(corners) == 2:  # a line with the marking's width: the strip it paints
+        a, b = corners
+        along = (b - a)[:2] / max(float(np.linalg.norm((b - a)[:2])), 1e-9)
+        left = np.array([-along[1], along[0], 0.0]) * outline.strip_width
+        near, far = {"left": (0.0, 1.0), "right": (-1.0, 0.0)}.get(outline.strip_side, (-0.5, 0.5))
+        corners = np.array([a + near * left, b + near * left, b + far * left, a + far * left])
+    elif np.linalg.norm(corners[-1] - corners[0]) <= CLOSED_TOL_M:
         corners = corners[:-1]  # written closed (Carla's towns repeat the first corner)
     return np.concatenate([corners, corners[:1]])
 

@@ -45,8 +45,9 @@ def town_from_file(carla, path: str | Path, key: str = "world.map"):
                          f"with {len(root.findall('road'))} <road>)")
     try:
         return carla.Map(path.stem, text)
-    except RuntimeError as err:
-        raise ValueError(f"{key}={str(path)!r}: Carla refuses this OpenDRIVE file ({err})") from None
+    except Exception as err:  # RuntimeError, or IndexError from its C++ (e.g. a direct junction)
+        raise ValueError(f"{key}={str(path)!r}: Carla cannot build a map from this OpenDRIVE file "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def _short_tag(tag: str) -> str:

@@ -50,7 +50,8 @@ class CrosswalkOutline:
 
     kind "local": corners (k, 3) are (u, v, z) m in the object's frame (origin at the road's
     (s, t), turned by the road's heading + hdg); kind "road": corners (k, 3) are (s, t, dz) in
-    road coordinates. s, t, hdg, z_offset: the object's placement on road `road_id`.
+    road coordinates. s, t, hdg, z_offset: the object's placement on road `road_id`. k >= 3: a
+    polygon; k = 2: a painted strip along a line (`strip_width`, `strip_side`).
     """
 
     road_id: str
@@ -60,6 +61,11 @@ class CrosswalkOutline:
     z_offset: float
     kind: str
     corners: np.ndarray
+    # An outline of two corners is a line the crosswalk's marking is painted along: its width
+    # (m) and side ("left" / "right" of the line from the first corner to the second, or
+    # "both": centred); 0 when the file gives none.
+    strip_width: float = 0.0
+    strip_side: str = "both"
 
 
 @dataclass(frozen=True)
@@ -149,10 +155,12 @@ def _crosswalks(road: ET.Element, road_id: str) -> list[CrosswalkOutline]:
         if obj.get("type", "").lower() != "crosswalk":
             continue
         placement = (_num(obj, "s"), _num(obj, "t"), _num(obj, "hdg"), _num(obj, "zOffset"))
+        marking = obj.find("markings/marking")
+        strip = (0.0, "both") if marking is None else (_num(marking, "width"), marking.get("side", "both").lower())
         for outline in [*obj.findall("outline"), *obj.findall("outlines/outline")]:
             local = [(_num(c, "u"), _num(c, "v"), _num(c, "z")) for c in outline.findall("cornerLocal")]
             on_road = [(_num(c, "s"), _num(c, "t"), _num(c, "dz")) for c in outline.findall("cornerRoad")]
             for kind, corners in (("local", local), ("road", on_road)):
-                if len(corners) >= 3:
-                    out.append(CrosswalkOutline(road_id, *placement, kind, np.array(corners, dtype=np.float64)))
+                if len(corners) >= 3 or (len(corners) == 2 and strip[0] > 0):
+                    out.append(CrosswalkOutline(road_id, *placement, kind, np.array(corners, dtype=np.float64), *strip))
     return out
