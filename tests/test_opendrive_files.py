@@ -52,12 +52,18 @@ def test_lanes_without_road_marks_have_no_line_there_and_the_rest_is_drawn():
     assert near_y(g, MapKind.LANE_LINE, -LANE, (0, 60)) == 0
 
 
-def test_road_ids_that_are_not_numbers_are_matched_to_carlas_roads():
+def test_road_ids_that_are_not_numbers_are_matched_to_carlas_roads(caplog):
     assert [carla_road_id(i) for i in ("Kalle", "7", "12abc", "0x10", "-3", "99999999999")] == [0, 7, 12, 16, 0, 2**32 - 1]
-    g = extract("string_road_ids.xodr")
-    for y0 in (0.0, 50.0):  # road 'Kalle' along y = 0, road '7' along y = 50
-        assert near_y(g, MapKind.ROAD_EDGE, y0 + LANE, (0, 40)) > 39, y0
-        assert near_y(g, MapKind.ROAD_EDGE, y0 - 2 * LANE, (0, 40)) > 39, y0
+    # Roads 'Kalle' (y = 0), '7' (y = 50) and 'Nils' (y = 100). Carla reads 'Kalle' and 'Nils'
+    # both as road 0 and keeps one, 'Nils': the lines are where Carla's roads are.
+    assert sorted({w.road_id for w in town_from_file(carla, DATA / "string_road_ids.xodr").generate_waypoints(5.0)}) == [0, 7]
+    with caplog.at_level(logging.WARNING, logger="dwm.world.carla_map"):
+        g = extract("string_road_ids.xodr")
+    for y0, drawn in ((0.0, False), (50.0, True), (100.0, True)):
+        for y in (y0 + LANE, y0 - 2 * LANE):
+            assert (near_y(g, MapKind.ROAD_EDGE, y, (0, 40)) > 39) == drawn, y0
+    said = [r.getMessage() for r in caplog.records if "read as road 0" in r.getMessage()]
+    assert len(said) == 1 and "'Kalle'" in said[0] and "'Nils'" in said[0], said
 
 
 def _midpoints(geometry, kind: MapKind, flip_y: bool = False) -> np.ndarray:

@@ -224,11 +224,41 @@ def _crosswalk_polygon(carla_map, drive: OpenDrive, outline: CrosswalkOutline) -
     return np.concatenate([corners, corners[:1]])
 
 
-def crosswalk_polygons(carla_map, drive: OpenDrive) -> list[np.ndarray]:
-    """Every outline of every crosswalk object of the OpenDRIVE, each its own closed
-    (k + 1, 3) polygon in our world frame."""
-    polygons = (_crosswalk_polygon(carla_map, drive, outline) for outline in drive.crosswalks)
+def crosswalk_polygons(carla_map, drive: OpenDrive, roads: set[str] | None = None) -> list[np.ndarray]:
+    """Every outline of every crosswalk object of the OpenDRIVE (of `roads`, None: all), each
+    its own closed (k + 1, 3) polygon in our world frame."""
+    outlines = [o for o in drive.crosswalks if roads is None or o.road_id in roads]
+    polygons = (_crosswalk_polygon(carla_map, drive, outline) for outline in outlines)
     return [p for p in polygons if p is not None and np.isfinite(p).all()]
+
+
+def _roads_carla_holds(carla_map, drive: OpenDrive) -> set[str]:
+    """The roads of the file that Carla has: all but those whose id reads as the same number as
+    another's (`carla_road_id`), of which Carla keeps one. Which one: the road whose reference
+    line starts nearest to Carla's lane at s = 0 of that number (logged)."""
+    by_number: dict[int, list[str]] = {}
+    for section in drive.sections:
+        roads = by_number.setdefault(section.carla_id, [])
+        if section.road_id not in roads:
+            roads.append(section.road_id)
+    held = set()
+    for number, roads in by_number.items():
+        if len(roads) == 1:
+            held.add(roads[0])
+            continue
+        found = None
+        for lane_id in (-1, 1, -2, 2):
+            wp = carla_map.get_waypoint_xodr(number, lane_id, 0.0)
+            if wp is not None:
+                found = from_carla_points(np.array([[wp.transform.location.x, wp.transform.location.y, 0.0]]))[0, :2]
+                break
+        if found is None:
+            continue
+        kept = min(roads, key=lambda r: float(np.linalg.norm(np.subtract(drive.road_starts.get(r, (np.inf, np.inf)), found))))
+        held.add(kept)
+        log.warning("roads %s all read as road %d in Carla, which keeps one of them (%s): the others are not drawn",
+                    ", ".join(repr(r) for r in roads), number, kept)
+    return held
 
 
 def extract_map(carla_map, step: float = 1.0) -> MapGeometry:
@@ -241,7 +271,10 @@ def extract_map(carla_map, step: float = 1.0) -> MapGeometry:
     drive = OpenDrive.parse(carla_map.to_opendrive(), getattr(carla_map, "name", "the town"))
     starts, ends, kinds = [], [], []
     nan_roads: set[str] = set()
+    held = _roads_carla_holds(carla_map, drive)
     for section in drive.sections:
+        if section.road_id not in held:
+            continue
         lht = section.road_id in drive.lht_roads
         for lane_id, lane_type in section.lanes.items():
             if lane_type not in DRIVABLE_LANE_TYPES:
@@ -266,7 +299,7 @@ def extract_map(carla_map, step: float = 1.0) -> MapGeometry:
         log.warning("%s: Carla cannot evaluate the geometry of part of road(s) %s (NaN: e.g. an arc of "
                     "curvature 0 or a spiral of constant curvature); their lines stop there",
                     getattr(carla_map, "name", "the town"), ", ".join(sorted(nan_roads)))
-    for polygon in crosswalk_polygons(carla_map, drive):
+    for polygon in crosswalk_polygons(carla_map, drive, held):
         starts.append(polygon[:-1])
         ends.append(polygon[1:])
         kinds.append(np.full(len(polygon) - 1, MapKind.CROSSWALK, dtype=np.int8))

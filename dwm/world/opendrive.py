@@ -76,6 +76,7 @@ class OpenDrive:
     lane_offsets: dict[str, np.ndarray]  # road id -> (k, 5) rows (s, a, b, c, d), by s
     crosswalks: list[CrosswalkOutline]
     lht_roads: frozenset[str]  # roads with rule="LHT" (left-hand traffic)
+    road_starts: dict[str, tuple[float, float]]  # road id -> (x, y) m where its reference line starts
 
     @classmethod
     def parse(cls, xodr: str, name: str = "the town") -> OpenDrive:
@@ -83,9 +84,12 @@ class OpenDrive:
             root = ET.fromstring(xodr)
         except ET.ParseError as err:
             raise ValueError(f"the OpenDRIVE of {name} cannot be parsed: {err}") from None
-        sections, offsets, crosswalks, lht = [], {}, [], set()
+        sections, offsets, crosswalks, lht, starts = [], {}, [], set(), {}
         for road in root.iter("road"):
             road_id = road.get("id", "")
+            first = road.find("planView/geometry")
+            if first is not None:
+                starts[road_id] = (_num(first, "x"), _num(first, "y"))
             if road.get("rule", "RHT").upper() == "LHT":
                 lht.add(road_id)
             sections += _sections(road, road_id)
@@ -94,7 +98,7 @@ class OpenDrive:
             if rows:
                 offsets[road_id] = np.array(sorted(rows), dtype=np.float64)
             crosswalks += _crosswalks(road, road_id)
-        return cls(sections, offsets, crosswalks, frozenset(lht))
+        return cls(sections, offsets, crosswalks, frozenset(lht), starts)
 
     def lane_offset(self, road_id: str, s: float) -> float:
         """m the lanes are shifted left of the reference line at `s` (OpenDRIVE laneOffset)."""
