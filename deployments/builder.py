@@ -47,17 +47,27 @@ def app(args: dict[str, str] | None = None) -> Application:
     # checks often enough that a replica that died is replaced in seconds (Serve's default: 10 s).
     stop = {"graceful_shutdown_timeout_s": float(s.graceful_shutdown_s), "graceful_shutdown_wait_loop_s": 0.1,
             "health_check_period_s": float(s.health_check_s)}
+    env = replica_env(cfg)
 
-    world = WorldActor.options(ray_actor_options={"num_cpus": s.world.num_cpus}, **stop).bind(plain)
+    def actor(**resources) -> dict:
+        return {**resources, "runtime_env": {"env_vars": env}} if env else resources
+
+    world = WorldActor.options(ray_actor_options=actor(num_cpus=s.world.num_cpus), **stop).bind(plain)
     denoiser = QueueServer.options(
-        ray_actor_options={"num_cpus": s.denoiser.num_cpus, "num_gpus": s.denoiser.num_gpus}, **stop
+        ray_actor_options=actor(num_cpus=s.denoiser.num_cpus, num_gpus=s.denoiser.num_gpus), **stop
     ).bind(plain)
-    sessions = SessionManager.options(ray_actor_options={"num_cpus": s.sessions.num_cpus}, **stop).bind(
+    sessions = SessionManager.options(ray_actor_options=actor(num_cpus=s.sessions.num_cpus), **stop).bind(
         world, denoiser, plain
     )
     return Ingress.options(
-        num_replicas=int(s.ingress.replicas), ray_actor_options={"num_cpus": s.ingress.num_cpus}, **stop
+        num_replicas=int(s.ingress.replicas), ray_actor_options=actor(num_cpus=s.ingress.num_cpus), **stop
     ).bind(sessions, s.max_body_bytes, allowed_hosts(cfg))
+
+
+def replica_env(cfg: DictConfig) -> dict[str, str]:
+    """Environment variables every replica process starts with (read by glibc at start)."""
+    threshold = cfg.serve.malloc_mmap_threshold
+    return {} if threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(int(threshold))}
 
 
 def allowed_hosts(cfg: DictConfig) -> list[str]:
@@ -103,6 +113,9 @@ def check(cfg: DictConfig) -> None:
             f"serve.stage.compiled_graph={s.stage.compiled_graph}: allowed true (Ray Compiled Graphs), "
             "false (plain Ray calls) or auto (true where the stages have GPUs)"
         )
+    threshold = s.malloc_mmap_threshold
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 <= threshold <= 2**25):
+        raise ConfigError(f"serve.malloc_mmap_threshold={threshold}: must be null or a whole number of bytes in [0, 33554432]")
     health = s.health_check_s
     if isinstance(health, bool) or not isinstance(health, (int, float)) or not health > 0:
         raise ConfigError(f"serve.health_check_s={health}: must be a number of seconds > 0")

@@ -651,6 +651,8 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         ({"pipeline.cfg_parallel": "true", "pipeline.bands": "2"}, "pipeline.cfg_parallel=true runs with pipeline.bands=1"),
         ({"serve.http_port": "8100"}, "python -m deployments serve.http_port=PORT"),
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
+        ({"serve.health_check_s": "0"}, "serve.health_check_s"),
+        ({"serve.malloc_mmap_threshold": "-1"}, "serve.malloc_mmap_threshold"),
     ],
 )
 def test_builder_refuses_a_bad_override_naming_it(override, named):
