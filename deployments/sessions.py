@@ -47,6 +47,7 @@ WORLD_RESTARTING = ("the world simulator stopped and Serve is starting a new one
 DENOISER_RESTARTING = ("the denoiser stopped and Serve is starting a new one: the session goes on by itself "
                        "with a new queue, the frames in the old one lost (stats.queue_restarts, gap_frames)")
 
+
 @serve.deployment(name="SessionManager", num_replicas=1, max_ongoing_requests=1000)
 class SessionManager:
     """Owns the sessions (one replica: sessions live in its memory)."""

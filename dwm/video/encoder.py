@@ -51,6 +51,7 @@ class _EncoderSettings:
     codec: str
     rate: Fraction  # nominal frames per second
     options: dict[str, str]  # encoder options (x264: preset, tune, crf, g)
+    step: int  # pts ticks of one frame interval (1/fps)
 
 
 def session_rtsp_url(base_url: str, session_id: str) -> str:
@@ -113,10 +114,11 @@ class VideoEncoder:
         if tune is not None:
             options["tune"] = str(tune)
         # PyAV takes the rate as an int or Fraction, not a float.
-        settings = _EncoderSettings(codec, Fraction(self.fps).limit_denominator(1001), options)
+        step = max(1, round(1 / (self.fps * TIME_BASE)))
+        settings = _EncoderSettings(codec, Fraction(self.fps).limit_denominator(1001), options, step)
         _check_encoder_settings(settings)
         # Frame interval in pts ticks, the step used when sim time does not advance.
-        self._step = max(1, round(1 / (self.fps * TIME_BASE)))
+        self._step = step
 
         self._sinks: list[_Sink] = []
         try:
@@ -381,7 +383,7 @@ class _RtspSink(_Sink):
         if self._last is None or not self._connected:
             return super()._finish()
         again = self._last.reformat()  # a copy, so the caller's frame keeps its pts
-        again.pts = self._last.pts + max(1, round(1 / (float(self._settings.rate) * TIME_BASE)))
+        again.pts = self._last.pts + self._settings.step
         again.time_base = TIME_BASE
         packets = [*self._stream.encode(again), *self._stream.encode(None)]
         for packet in packets:

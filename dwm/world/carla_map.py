@@ -157,6 +157,11 @@ def _segments(points: np.ndarray, kinds: np.ndarray):
     return points[:-1][keep], points[1:][keep], kinds[:-1][keep]
 
 
+def _left_of(heading: float) -> np.ndarray:
+    """(3,) unit vector to the left of a heading (rad), our frame."""
+    return np.array([-math.sin(heading), math.cos(heading), 0.0])
+
+
 def _reference_pose(carla_map, drive: OpenDrive, road_id: str, s: float) -> tuple[np.ndarray, float] | None:
     """The road's reference line at `s`, our frame: (3,) point m and heading rad; None where
     Carla has no lane there. Carla gives lanes, not the reference line: it is the inner border
@@ -186,7 +191,7 @@ def _reference_pose(carla_map, drive: OpenDrive, road_id: str, s: float) -> tupl
             continue
         before, after = from_carla_points(np.array(points))
         heading = math.atan2(after[1] - before[1], after[0] - before[0])
-        left = np.array([-math.sin(heading), math.cos(heading), 0.0])
+        left = _left_of(heading)
         here = before if ahead else after
         return here - drive.lane_offset(road_id, s) * left, heading
     return None
@@ -199,7 +204,7 @@ def _crosswalk_polygon(carla_map, drive: OpenDrive, outline: CrosswalkOutline) -
         if pose is None:
             return None
         ref, heading = pose
-        left = np.array([-math.sin(heading), math.cos(heading), 0.0])
+        left = _left_of(heading)
         origin = ref + outline.t * left + np.array([0.0, 0.0, outline.z_offset])
         yaw = heading + outline.hdg
         u, v, z = outline.corners.T
@@ -211,7 +216,7 @@ def _crosswalk_polygon(carla_map, drive: OpenDrive, outline: CrosswalkOutline) -
             if pose is None:
                 return None
             ref, heading = pose
-            corners.append(ref + t * np.array([-math.sin(heading), math.cos(heading), 0.0]) + [0.0, 0.0, dz])
+            corners.append(ref + t * _left_of(heading) + [0.0, 0.0, dz])
         corners = np.array(corners)
     if len(corners) == 2:  # a line with the marking's width: the strip it paints
         a, b = corners
