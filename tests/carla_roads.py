@@ -114,3 +114,175 @@ def highway(length: float = 1000.0, lanes: int = 4, width: float = 4.0) -> str:
     odr.add_road(xodr.Road(1, plan, road_lanes))
     odr.adjust_roads_and_lanes()
     return _text(odr)
+
+
+# ---------------------------------------------------------------------------- towns
+# Road networks written as Carla's towns are: two-way roads between junctions, and inside each
+# junction one single-lane connecting road per movement (incoming lane -> outgoing lane), linked
+# by the junction's <connection>s. Written directly as XML so that every link is explicit.
+
+_ARM_ANGLES = {"E": 0.0, "N": math.pi / 2, "W": math.pi, "S": 3 * math.pi / 2}
+
+
+def _lane(parent: ET.Element, lane_id: int, width: float, mark: str, kind: str = "driving",
+          links: tuple[int | None, int | None] = (None, None)) -> None:
+    lane = ET.SubElement(parent, "lane", id=str(lane_id), type=kind, level="false")
+    if any(k is not None for k in links):
+        link = ET.SubElement(lane, "link")
+        for tag, k in zip(("predecessor", "successor"), links):
+            if k is not None:
+                ET.SubElement(link, tag, id=str(k))
+    ET.SubElement(lane, "width", sOffset="0", a=str(width), b="0", c="0", d="0")
+    ET.SubElement(lane, "roadMark", sOffset="0", type=mark, weight="standard", color="standard", width="0.15")
+
+
+def _road(root: ET.Element, road_id: int, x: float, y: float, hdg: float, length: float, rule: str,
+          curvature: float = 0.0, junction: int = -1) -> ET.Element:
+    road = ET.SubElement(root, "road", name=f"road {road_id}", id=str(road_id), length=f"{length:.6f}",
+                         junction=str(junction), rule=rule)
+    ET.SubElement(road, "link")
+    plan = ET.SubElement(road, "planView")
+    geometry = ET.SubElement(plan, "geometry", s="0", x=f"{x:.6f}", y=f"{y:.6f}", hdg=f"{hdg:.9f}",
+                             length=f"{length:.6f}")
+    if curvature:
+        ET.SubElement(geometry, "arc", curvature=f"{curvature:.9f}")
+    else:
+        ET.SubElement(geometry, "line")
+    return road
+
+
+def _road_link(road: ET.Element, tag: str, kind: str, element: int, contact: str | None = None) -> None:
+    attrs = {"elementType": kind, "elementId": str(element)}
+    if contact:
+        attrs["contactPoint"] = contact
+    ET.SubElement(road.find("link"), tag, **attrs)
+
+
+def _two_way_lanes(road: ET.Element, lanes: int, width: float) -> None:
+    """`lanes` lanes each way, broken lines between lanes of one direction, solid in the middle
+    and at the edges."""
+    section = ET.SubElement(ET.SubElement(road, "lanes"), "laneSection", s="0")
+    for side, sign in (("left", 1), ("right", -1)):
+        part = ET.SubElement(section, side)
+        for k in (range(lanes, 0, -1) if sign > 0 else range(1, lanes + 1)):
+            _lane(part, sign * k, width, "solid" if k == lanes else "broken")
+        if side == "left":
+            centre = ET.SubElement(section, "center")
+            ET.SubElement(ET.SubElement(centre, "lane", id="0", type="none", level="false"), "roadMark",
+                          sOffset="0", type="solid", weight="standard", color="standard", width="0.15")
+
+
+def town_grid(columns: int = 3, rows: int = 2, spacing: float = 60.0, lanes: int = 2, rule: str = "RHT",
+              radius: float = 10.0, width: float = LANE_WIDTH) -> str:
+    """A closed grid of `columns` x `rows` junctions `spacing` m apart (centres at (i, j) *
+    spacing), joined by straight two-way roads of `lanes` lanes each way; no dead ends. Roads end
+    `radius` m from a junction's centre. In each junction: every lane goes straight on; turns to
+    the right from the outermost lane, to the left from the innermost (mirrored for LHT), each
+    to the same lane of the road it turns into; no U-turns. Junctions at the border are T-junctions
+    or corners (where every lane turns)."""
+    if rule not in ("RHT", "LHT"):
+        raise ValueError(rule)
+    right = 1.0 if rule == "RHT" else -1.0  # which side of its heading a car drives on
+    root = ET.Element("OpenDRIVE")
+    ET.SubElement(root, "header", revMajor="1", revMinor="4", name="town grid", version="1",
+                  north="0", south="0", east="0", west="0")
+    centres = {(i, j): (i * spacing, j * spacing) for i in range(columns) for j in range(rows)}
+    # Arms: road id -> (junction at its start, junction at its end, heading)
+    roads: dict[int, tuple] = {}
+    arms: dict[tuple, dict[str, tuple[int, str]]] = {key: {} for key in centres}  # junction -> arm -> (road, "start"|"end")
+    next_id = 1
+    for (i, j), (x, y) in centres.items():
+        for di, dj, out_arm, in_arm in ((1, 0, "E", "W"), (0, 1, "N", "S")):
+            other = (i + di, j + dj)
+            if other not in centres:
+                continue
+            hdg = _ARM_ANGLES[out_arm]
+            road = _road(root, next_id, x + radius * math.cos(hdg), y + radius * math.sin(hdg), hdg,
+                         spacing - 2 * radius, rule)
+            _two_way_lanes(road, lanes, width)
+            roads[next_id] = ((i, j), other)
+            arms[(i, j)][out_arm] = (next_id, "start")
+            arms[other][in_arm] = (next_id, "end")
+            next_id += 1
+    junction_ids = {key: 1000 + n for n, key in enumerate(centres)}
+    for road_id, (a, b) in roads.items():
+        road = root.find(f"road[@id='{road_id}']")
+        _road_link(road, "predecessor", "junction", junction_ids[a])
+        _road_link(road, "successor", "junction", junction_ids[b])
+
+    # Lane ids: along s drive the right lanes (RHT) or the left lanes (LHT).
+    def lane_id(contact: str, k: int, into_junction: bool) -> int:
+        along_s = (contact == "end") == into_junction  # a road ending here drives into it along s
+        sign = -1 if along_s else 1
+        return int(sign * right * (k + 1))
+
+    connecting_id = 10000
+    for key, (cx, cy) in centres.items():
+        junction = ET.Element("junction", id=str(junction_ids[key]), name=f"junction {key}")
+        for arm_in, (road_in, contact_in) in arms[key].items():
+            heading = _ARM_ANGLES[arm_in] + math.pi  # driving into the junction
+            for arm_out, (road_out, contact_out) in arms[key].items():
+                if arm_out == arm_in:
+                    continue
+                turn = math.remainder(_ARM_ANGLES[arm_out] - heading, 2 * math.pi)  # 0, +-pi/2
+                turn_side = 0 if abs(turn) < 0.1 else (1 if turn * right < 0 else -1)  # 1: to the driving side
+                if turn_side == 0 or len(arms[key]) == 2:  # a corner: every lane turns
+                    ks = range(lanes)
+                else:
+                    ks = [lanes - 1] if turn_side == 1 else [0]
+                for k in ks:
+                    # Reference line on the lane's inner border (towards the road's middle).
+                    inner = k * width
+                    px = cx - radius * math.cos(heading) + right * inner * math.sin(heading)
+                    py = cy - radius * math.sin(heading) - right * inner * math.cos(heading)
+                    if turn_side == 0:
+                        length, curvature = 2 * radius, 0.0
+                    else:
+                        r = radius - inner if turn_side == 1 else radius + inner
+                        length, curvature = r * math.pi / 2, math.copysign(1.0 / r, turn)
+                    road = _road(root, connecting_id, px, py, heading, length, rule, curvature, junction_ids[key])
+                    _road_link(road, "predecessor", "road", road_in, contact_in)
+                    _road_link(road, "successor", "road", road_out, contact_out)
+                    l_in = lane_id(contact_in, k, into_junction=True)
+                    l_out = lane_id(contact_out, k, into_junction=False)
+                    own = int(-right)  # the connecting road's one lane
+                    section = ET.SubElement(ET.SubElement(road, "lanes"), "laneSection", s="0")
+                    side_left = ET.SubElement(section, "left")
+                    centre = ET.SubElement(section, "center")
+                    ET.SubElement(centre, "lane", id="0", type="none", level="false")
+                    side_right = ET.SubElement(section, "right")
+                    _lane(side_right if own < 0 else side_left, own, width, "none", links=(l_in, l_out))
+                    for part in (side_left, side_right):
+                        if not len(part):
+                            section.remove(part)
+                    connection = ET.SubElement(junction, "connection", id=str(connecting_id - 10000),
+                                               incomingRoad=str(road_in), connectingRoad=str(connecting_id),
+                                               contactPoint="start")
+                    ET.SubElement(connection, "laneLink", **{"from": str(l_in), "to": str(own)})
+                    connecting_id += 1
+        root.append(junction)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+def ring_road(radius: float = 40.0, lanes: int = 2, width: float = LANE_WIDTH) -> str:
+    """A closed ring of two half-circle roads linked to each other (a curve with no end),
+    centred on the origin, `lanes` lanes each way."""
+    root = ET.Element("OpenDRIVE")
+    ET.SubElement(root, "header", revMajor="1", revMinor="4", name="ring", version="1",
+                  north="0", south="0", east="0", west="0")
+    for road_id, (x, y, hdg) in ((1, (radius, 0.0, math.pi / 2)), (2, (-radius, 0.0, -math.pi / 2))):
+        road = _road(root, road_id, x, y, hdg, math.pi * radius, "RHT", curvature=1.0 / radius)
+        other = 3 - road_id
+        _road_link(road, "predecessor", "road", other, "end")
+        _road_link(road, "successor", "road", other, "start")
+        _two_way_lanes(road, lanes, width)
+        for lane in road.iter("lane"):
+            k = int(lane.get("id"))
+            if k:
+                link = ET.Element("link")
+                ET.SubElement(link, "predecessor", id=str(k))
+                ET.SubElement(link, "successor", id=str(k))
+                lane.insert(0, link)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode")

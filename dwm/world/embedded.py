@@ -45,7 +45,7 @@ from dwm.world.embedded_scene import EmbeddedScene
 from dwm.world.embedded_traffic import EmbeddedTraffic
 from dwm.world.endless_road import scene_shift
 from dwm.world.maps import build_road, exit_roads, map_geometry, map_spec
-from dwm.world.placement import blocking, is_leaving, plan_route, random_place
+from dwm.world.placement import blocking, extend_route, is_leaving, plan_route, random_place
 from dwm.world.traffic import TrafficCar
 
 OFF_MAP_M = 20.0  # an ego this far from every lane has left the map
@@ -95,7 +95,8 @@ class EmbeddedWorld(World):
     """highway-env traffic on one of its maps, observed in 3D by several egos.
 
     Arguments are the keys of `conf/world/embedded.yaml`:
-    map: highway | merge | roundabout | intersection; vehicles: traffic besides the egos;
+    map: highway | merge | roundabout | intersection, or the path of an OpenDRIVE file (needs
+    Carla's client package, `dwm.world.opendrive_map`); vehicles: traffic besides the egos;
     truck_ratio: share of that traffic that is trucks; dt: s per tick; seed: int >= 0;
     view_range: m around an ego within which actors and map lines are observed;
     environment: caption scene description (None: the map's own); weather: `Weather` fields.
@@ -130,7 +131,7 @@ class EmbeddedWorld(World):
         self._network = self._road.network
         self._lanes: list[AbstractLane] = self._network.lanes_list()
         self._exits = exit_roads(self._spec, self._network)
-        self._geometry = map_geometry(self._spec.name)
+        self._geometry = self._spec.geometry or map_geometry(self._spec.name)
 
         self._egos: dict[str, _Ego] = {}
         self._next_ego = 1
@@ -210,6 +211,10 @@ class EmbeddedWorld(World):
         return self._steps * self.dt
 
     def tick(self) -> float:
+        if self._spec.random_routes:
+            for v in self._road.vehicles:
+                if isinstance(v, TrafficCar):
+                    extend_route(v, self._network, self._rng)
         self._road.act()
         self._road.step(self.dt)
         self._steps += 1
@@ -312,7 +317,9 @@ class EmbeddedWorld(World):
         for ego in self._egos.values():
             v = ego.vehicle
             leaving = ego.autopilot and is_leaving(v, self._exits)
-            if leaving or min(lane.distance(v.position) for lane in self._lanes) > OFF_MAP_M:
+            off_map = v.lane.distance(v.position) > OFF_MAP_M and min(
+                lane.distance(v.position) for lane in self._lanes) > OFF_MAP_M
+            if leaving or off_map:
                 new = self._make_ego_vehicle(self._place_ego(ignore=v), ego.control, ego.autopilot)
                 self._replace_vehicle(v, new)
                 ego.vehicle = new

@@ -83,6 +83,12 @@ class MapSpec:
     # would count as leaders of the cars leaving.
     connected_lanes: bool = True
     crosswalk_roads: tuple[tuple[str, str], ...] = ()  # approaches that get a zebra crossing
+    # A map from a file (`dwm.world.opendrive_map`): its road network (shared, never changed by
+    # a world) and its drawn lines, instead of an env's road and `map_geometry`.
+    network: RoadNetwork | None = None
+    geometry: MapGeometry | None = None
+    # Routes are drawn a few lanes ahead at random as cars go (no destinations on a town).
+    random_routes: bool = False
 
 
 def _areas(roads, s_min: float, s_max: float) -> tuple[SpawnArea, ...]:
@@ -155,14 +161,23 @@ MAPS: dict[str, MapSpec] = {
 
 
 def map_spec(name: str) -> MapSpec:
-    """The map called `name`; ValueError naming the allowed maps otherwise."""
+    """The map called `name`, or the map of the OpenDRIVE file at path `name` (a name ending in
+    .xodr or with a directory part); ValueError naming the allowed maps otherwise."""
+    from dwm.world.opendrive_map import is_opendrive_path, opendrive_map  # it builds on this module
+
+    if is_opendrive_path(name):
+        return opendrive_map(name).spec
     if name not in MAPS:
-        raise ValueError(f"unknown map {name!r}; allowed maps: {', '.join(MAPS)}")
+        raise ValueError(f"unknown map {name!r}; allowed maps: {', '.join(MAPS)}, or the path of an OpenDRIVE "
+                         "file (.xodr)")
     return MAPS[name]
 
 
 def build_road(spec: MapSpec, np_random: np.random.Generator, dt: float) -> TrafficRoad:
-    """A fresh road (no vehicles) on the network built by the env's own road construction."""
+    """A fresh road (no vehicles) on the map's network, or on the network built by the env's
+    own road construction."""
+    if spec.network is not None:
+        return TrafficRoad(spec.network, np_random, dt, spec.junction, spec.connected_lanes)
     # The env methods only read `config` and `np_random` and set `road`.
     config = {**spec.env.default_config(), **spec.env_config}
     env_like = SimpleNamespace(config=config, np_random=np_random)

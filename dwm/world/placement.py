@@ -63,3 +63,21 @@ def plan_route(car: TrafficCar, destinations: tuple[str, ...], rng: np.random.Ge
     targets = [d for d in destinations if d != origin]
     if targets:
         car.plan_route_to(targets[rng.integers(len(targets))])
+
+
+ROUTE_AHEAD = 3  # lanes drawn ahead of a car's lane on maps with random routes
+
+
+def extend_route(car: TrafficCar, network: RoadNetwork, rng: np.random.Generator) -> None:
+    """Keep `car`'s route `ROUTE_AHEAD` lanes ahead of the lane it follows, each next lane drawn
+    at random among those the last one leads to; a route that no longer starts at that lane
+    (the car changed lanes) is drawn anew. A dead end ends the route."""
+    lane = car.target_lane_index
+    route = car.route if car.route and car.route[0][:2] == lane[:2] else [lane]
+    while len(route) <= ROUTE_AHEAD:
+        nexts = network.graph.get(route[-1][1], {})
+        options = [(route[-1][1], b, i) for b, lanes in nexts.items() for i in range(len(lanes))]
+        if not options:
+            break
+        route.append(options[int(rng.integers(len(options)))])
+    car.route = route

@@ -46,7 +46,8 @@ class TracksLanes:
 
     def on_state_update(self) -> None:
         if isinstance(self.road, TrafficRoad):
-            self.lane_index = self.road.closest_lane_index(self.position, self.heading, self.lane_index)
+            target = getattr(self, "target_lane_index", None)
+            self.lane_index = self.road.closest_lane_index(self.position, self.heading, self.lane_index, target)
             self.lane = self.road.network.get_lane(self.lane_index)
         else:
             super().on_state_update()
@@ -65,6 +66,7 @@ class TrafficCar(TracksLanes, IDMVehicle):
     CORRIDOR_MARGIN_M = 0.3  # lateral clearance beyond the half widths
     LANE_END_GAP_M = 3.0  # a car waiting to leave a lane that ends stops this far before its end
     MERGE_TIME_GAP_S = 2.5  # time gap it needs behind it on the lane it merges into
+    CHANGE_ANGLE_MAX = 0.1  # rad: on a map's own lanes, lane changes only when driving along the lane
 
     def __init__(
         self,
@@ -116,6 +118,7 @@ class TrafficCar(TracksLanes, IDMVehicle):
         if self.lane_index in road.ending_lanes and self.lane_index == self.target_lane_index:
             to_end = self.lane.length - self.lane.local_coordinates(self.position)[0]
             acceleration = min(acceleration, self._stop_at(to_end - self.LANE_END_GAP_M))
+        acceleration = min(acceleration, self._curve_limit())
         to_line = road.stop_line_distance(self)
         if to_line is not None:
             acceleration = min(acceleration, self._stop_at(to_line))
@@ -123,6 +126,33 @@ class TrafficCar(TracksLanes, IDMVehicle):
         # Stop at zero rather than let highway-env drive a stopped car backwards.
         acceleration = max(acceleration, min(-self.speed / road.dt, 0.0))
         self.action["acceleration"] = min(acceleration, self.ACC_MAX)
+
+    LATERAL_ACC_MAX = 2.5  # m/s^2 in curves (a town's turns): speed at most sqrt(a / curvature)
+    CURVE_LOOKAHEAD_M = 40.0
+
+    def _curve_limit(self) -> float:
+        """Acceleration (m/s^2) that brings the car down to each curve's speed before it reaches
+        it, on the lane it follows and the next lane of its route (lanes that know their
+        curvature, `PolylineLane`; no limit otherwise)."""
+        lane = self.road.network.get_lane(self.target_lane_index)
+        if not hasattr(lane, "curves_ahead"):
+            return math.inf
+        s = lane.local_coordinates(self.position)[0]
+        parts = [lane.curves_ahead(s, self.CURVE_LOOKAHEAD_M)]
+        route = self.route or []
+        nxt = next((r for r in route if r[0] == self.target_lane_index[1]), None)
+        if nxt is not None:
+            distance, curvature = self.road.network.get_lane(nxt).curves_ahead(0.0, self.CURVE_LOOKAHEAD_M)
+            parts.append((distance + max(lane.length - s, 0.0), curvature))
+        distance = np.concatenate([p[0] for p in parts])
+        curvature = np.concatenate([p[1] for p in parts])
+        fast = curvature > 1e-3
+        if not fast.any():
+            return math.inf
+        v_curve = np.sqrt(self.LATERAL_ACC_MAX / curvature[fast])
+        v = max(self.speed, 0.0)
+        needed = (v_curve**2 - v * v) / (2.0 * np.maximum(distance[fast], 1.0))
+        return float(min(np.min(needed), self.COMFORT_ACC_MAX))
 
     def _follow(self, distance: float, leader_speed: float, leader_length: float) -> float:
         """IDM acceleration (m/s^2) behind a leader `distance` m ahead, centre to centre (as
@@ -195,6 +225,14 @@ class TrafficCar(TracksLanes, IDMVehicle):
                     break
 
     def mobil(self, lane_index: LaneIndex) -> bool:
+        allowed = getattr(self.road.network, "lane_change_allowed", None)  # a map's markings
+        if allowed is not None:
+            if not allowed(self.lane_index, lane_index, self.position):
+                return False
+            if abs(self.lane.local_angle(self.heading, self.lane.local_coordinates(self.position)[0])) > self.CHANGE_ANGLE_MAX:
+                return False  # still turning (just out of a junction): no lane change across the turn
+        if isinstance(self.road, TrafficRoad) and self.road.near_stop_line(lane_index, self.position, self.speed):
+            return False  # too late to change in front of a junction: the controller must see it wait
         if self.lane_index not in self.road.ending_lanes:
             return super().mobil(lane_index)
         # Leaving a lane that ends: any gap will do that is safe for both, with room for a slow

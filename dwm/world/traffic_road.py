@@ -16,6 +16,8 @@ from highway_env.road.road import LaneIndex, Road, RoadNetwork
 from highway_env.vehicle.controller import ControlledVehicle
 from highway_env.vehicle.kinematics import Vehicle
 
+from dwm.world.lane_network import LaneNetwork, PolylineLane
+
 
 @dataclass(frozen=True)
 class Junction:
@@ -88,6 +90,7 @@ class TrafficRoad(Road):
             directions=np.zeros((0, 2)),
             ids=np.zeros(0, dtype=np.int64),
             merging_into={},
+            on_lane={},
             held=np.zeros(0, dtype=bool),
         )
 
@@ -106,17 +109,47 @@ class TrafficRoad(Road):
                 pts = np.array([lane.position(s, 0.0) for s in np.linspace(0.0, lane.length, 17)])
                 slack = self.LANE_SLACK_M
                 boxes[(a, b, i)] = np.concatenate([pts.min(axis=0) - slack, pts.max(axis=0) + slack])
+        into: dict[str, list[tuple[str, str]]] = {}  # node -> roads ending there, in network order
+        for z, tos in network.graph.items():
+            for a in tos:
+                into.setdefault(a, []).append((z, a))
         self._around: dict[tuple[str, str], list[LaneIndex]] = {}
         for a, b in roads:
             after = [(b, c) for c in network.graph.get(b, {})]
-            before = [(z, a) for z, tos in network.graph.items() if a in tos]
-            near_roads = [(a, b), *after, *before]
+            before = into.get(a, [])
+            # Lanes a car may change into that are roads of their own (a map from a file).
+            beside = [side[:2] for i in range(len(network.graph[a][b])) for side in network.side_lanes((a, b, i))]
+            near_roads = list(dict.fromkeys([(a, b), *after, *before, *beside]))
             self._around[(a, b)] = [(x, y, i) for x, y in near_roads for i in range(len(network.graph[x][y]))]
         self._search_boxes = {road: np.array([boxes[k] for k in ks]) for road, ks in self._around.items()}
+        # highway-env's connected lanes of each lane (its `neighbour_vehicles`), found once.
+        self._connected: dict[LaneIndex, list[tuple]] = {}
+        for a, b in roads:
+            for i, lane in enumerate(network.graph[a][b]):
+                offsets = [(lane, 0.0)]
+                for nxt in network.graph.get(b, {}).values():
+                    offsets.append((nxt[i] if i < len(nxt) else nxt[0], lane.length))
+                for z, _ in into.get(a, []):
+                    prev = network.graph[z][a]
+                    if prev:
+                        p = prev[i] if i < len(prev) else prev[0]
+                        offsets.append((p, -p.length))
+                self._connected[(a, b, i)] = offsets
 
-    def closest_lane_index(self, position: np.ndarray, heading: float, hint: LaneIndex | None) -> LaneIndex:
+    KEEP_LANE_ANGLE = 0.5  # rad: on a map of single-lane roads a vehicle keeps a lane it is on and along
+
+    def closest_lane_index(self, position: np.ndarray, heading: float, hint: LaneIndex | None,
+                           target: LaneIndex | None = None) -> LaneIndex:
         """highway-env's closest lane (distance plus heading difference), looked for around
-        `hint` first; the whole map only when nothing around fits."""
+        `hint` first; the whole map only when nothing around fits.
+
+        On a map of single-lane roads (`LaneNetwork`: a town's lanes overlap in its junctions) a
+        vehicle stays on `hint`, or moves on to the lane it follows (`target`), while it is on
+        that lane and drives along it."""
+        if isinstance(self.network, LaneNetwork):
+            for index in (hint, target):
+                if index is not None and self._drives_on(self.network.get_lane(index), position, heading):
+                    return index
         if hint is not None and hint[:2] in self._around:
             candidates = self._around[hint[:2]]
             lanes = [self.network.get_lane(k) for k in candidates]
@@ -125,6 +158,11 @@ class TrafficRoad(Road):
             if distances[best] < 1.0:  # on that lane and roughly along it: no other lane is closer
                 return candidates[best]
         return self.network.get_closest_lane_index(position, heading)
+
+    def _drives_on(self, lane, position: np.ndarray, heading: float) -> bool:
+        s, lateral = lane.local_coordinates(position)
+        return (0.0 <= s <= lane.length and abs(lateral) <= lane.width_at(s) / 2
+                and abs(lane.local_angle(heading, s)) < self.KEEP_LANE_ANGLE)
 
     def neighbour_vehicles(self, vehicle: Vehicle, lane_index: LaneIndex | None = None) -> tuple:
         lane_index = lane_index or vehicle.lane_index
@@ -137,11 +175,39 @@ class TrafficRoad(Road):
         inside = (positions[:, None, 0] >= boxes[None, :, 0]) & (positions[:, None, 0] <= boxes[None, :, 2])
         inside &= (positions[:, None, 1] >= boxes[None, :, 1]) & (positions[:, None, 1] <= boxes[None, :, 3])
         candidates = [self.vehicles[k] for k in np.flatnonzero(inside.any(axis=1))]
-        everyone, self.vehicles = self.vehicles, candidates
-        try:
-            return super().neighbour_vehicles(vehicle, lane_index)
-        finally:
-            self.vehicles = everyone
+        return self._nearest_on(vehicle, lane_index, candidates)
+
+    def _nearest_on(self, vehicle: Vehicle, lane_index: LaneIndex, candidates: list[Vehicle]) -> tuple:
+        """highway-env's `Road.neighbour_vehicles` (connected lanes) among `candidates`, with
+        the connected lanes found once: (vehicle ahead or None, vehicle behind or None)."""
+        lanes_offsets = self._connected[lane_index] if self.neighbour_vehicles_connected_lanes else None
+        if lanes_offsets is None:
+            lanes_offsets = [(self.network.get_lane(lane_index), 0.0)]
+        s = lanes_offsets[0][0].local_coordinates(vehicle.position)[0]
+        s_front = s_rear = None
+        v_front = v_rear = None
+        on_lane = self.state.on_lane  # (lane, vehicle) -> s on it or None, while no one moves
+        for v in candidates:
+            if v is vehicle:
+                continue
+            for lane, offset in lanes_offsets:
+                s_v = on_lane.get((lane, v), False)
+                if s_v is False:
+                    if isinstance(lane, PolylineLane) and not lane.may_hold(v.position):
+                        s_v = None
+                    else:
+                        s_v, lat_v = lane.local_coordinates(v.position)
+                        s_v = s_v if lane.on_lane(v.position, s_v, lat_v, margin=1) else None
+                    on_lane[(lane, v)] = s_v
+                if s_v is None:
+                    continue
+                s_v += offset
+                if s <= s_v and (s_front is None or s_v <= s_front):
+                    s_front, v_front = s_v, v
+                if s_v < s and (s_rear is None or s_v > s_rear):
+                    s_rear, v_rear = s_v, v
+                break  # found on this lane: the next ones are not looked at
+        return v_front, v_rear
 
     @classmethod
     def _crossing_paths(cls, network: RoadNetwork, inside: frozenset) -> set[tuple]:
@@ -151,11 +217,15 @@ class TrafficRoad(Road):
         for a, b in inside:
             lane = network.get_lane((a, b, 0))
             samples[(a, b)] = np.array([lane.position(s, 0.0) for s in np.linspace(0, lane.length, 25)])
+        boxes = {r: (p.min(axis=0) - cls.CROSSING_M, p.max(axis=0) + cls.CROSSING_M) for r, p in samples.items()}
         crossing = set()
         for r1, p1 in samples.items():
+            lo1, hi1 = boxes[r1]
             for r2, p2 in samples.items():
+                if r1[0] == r2[0] or np.any(p2.max(axis=0) < lo1) or np.any(p2.min(axis=0) > hi1):
+                    continue  # same approach, or too far apart to come close (a town's other junctions)
                 closest = np.min(np.linalg.norm(p1[:, None] - p2[None], axis=-1))
-                if r1[0] != r2[0] and closest < cls.CROSSING_M:
+                if closest < cls.CROSSING_M:
                     crossing.add((r1, r2))
         return crossing
 
@@ -170,6 +240,7 @@ class TrafficRoad(Road):
             directions=np.array([v.direction for v in vehicles]).reshape(-1, 2),
             ids=np.array([id(v) for v in vehicles], dtype=np.int64),
             merging_into={},  # lane index -> rows of the cars changing into it
+            on_lane={},  # (lane, vehicle) -> s (m) on the lane, or None when not on it
         )
         for row, v in enumerate(vehicles):
             target = getattr(v, "target_lane_index", None)
@@ -183,8 +254,23 @@ class TrafficRoad(Road):
         self.state.vehicles = None  # positions change in `step`: no longer usable for lookups
 
     def step(self, dt: float) -> None:
+        """highway-env's step, with collisions checked only between vehicles close enough to
+        touch (its own first test, for every pair at once)."""
         self._time += dt
-        super().step(dt)
+        vehicles = self.vehicles
+        for vehicle in vehicles:
+            vehicle.step(dt)
+        if len(vehicles) > 1:
+            positions = np.array([v.position for v in vehicles])
+            diagonals = np.array([v.diagonal for v in vehicles])
+            speeds = np.array([v.speed for v in vehicles])
+            gaps = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+            reach = (diagonals[:, None] + diagonals[None]) / 2 + speeds[:, None] * dt + 1e-6
+            for i, j in zip(*np.nonzero(np.triu(gaps <= reach, 1))):
+                vehicles[i].handle_collisions(vehicles[j], dt)
+        for vehicle in vehicles:
+            for other in self.objects:
+                vehicle.handle_collisions(other, dt)
 
     # -------------------------------------------------------------- junction control
 
@@ -193,6 +279,18 @@ class TrafficRoad(Road):
         if v in self._let_in or v.lane_index[:2] not in self.approach_roads:
             return None
         return self.stop_line_distance_any(v)
+
+    NO_CHANGE_BEFORE_LINE_M = 25.0  # no lane change into a road into the junction this close to its line
+
+    def near_stop_line(self, lane_index: LaneIndex, position: np.ndarray, speed: float) -> bool:
+        """A vehicle at `position` moving at `speed` m/s is too close to the stop line of lane
+        `lane_index` to change into it: nearer than `NO_CHANGE_BEFORE_LINE_M` or than it
+        needs to stop gently."""
+        if self.junction is None or lane_index[:2] not in self.approach_roads:
+            return False
+        lane = self.network.get_lane(lane_index)
+        to_line = lane.length - self.junction.setback_m - lane.local_coordinates(position)[0]
+        return to_line < max(self.NO_CHANGE_BEFORE_LINE_M, speed * speed / (2.0 * self.STOP_DEC) + 10.0)
 
     def _held(self, v: Vehicle) -> bool:
         """`v` waits at (or queues behind) its stop line."""
