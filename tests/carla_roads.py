@@ -265,9 +265,10 @@ def town_grid(columns: int = 3, rows: int = 2, spacing: float = 60.0, lanes: int
     return ET.tostring(root, encoding="unicode")
 
 
-def ring_road(radius: float = 40.0, lanes: int = 2, width: float = LANE_WIDTH) -> str:
+def ring_road(radius: float = 40.0, lanes: int = 2, width: float = LANE_WIDTH, lane_line: str = "broken") -> str:
     """A closed ring of two half-circle roads linked to each other (a curve with no end),
-    centred on the origin, `lanes` lanes each way."""
+    centred on the origin, `lanes` lanes each way with `lane_line` marks between the lanes of
+    one direction (broken: cars may change lanes; solid: they may not)."""
     root = ET.Element("OpenDRIVE")
     ET.SubElement(root, "header", revMajor="1", revMinor="4", name="ring", version="1",
                   north="0", south="0", east="0", west="0")
@@ -277,6 +278,9 @@ def ring_road(radius: float = 40.0, lanes: int = 2, width: float = LANE_WIDTH) -
         _road_link(road, "predecessor", "road", other, "end")
         _road_link(road, "successor", "road", other, "start")
         _two_way_lanes(road, lanes, width)
+        for mark in road.iter("roadMark"):
+            if mark.get("type") == "broken":
+                mark.set("type", lane_line)
         for lane in road.iter("lane"):
             k = int(lane.get("id"))
             if k:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 AT_ONCE = 2  # commands run side by side (CI has 2 cores)
+HAVE_CARLA = importlib.util.find_spec("carla") is not None
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -92,8 +94,10 @@ def decode(path: Path) -> tuple[list[np.ndarray], list[float]]:
         ([], 3),
         (["world.map=roundabout", "pipeline.bands=2", "stream.overlay=false"], 3),
         (["rig=nusc_6views", "world.map=intersection", "pipeline.guidance=1.0"], 6),
+        pytest.param(["world.map=tests/data/town_grid_rht.xodr"], 3,
+                     marks=pytest.mark.skipif(not HAVE_CARLA, reason="OpenDRIVE maps need the carla client")),
     ],
-    ids=["default", "roundabout-2-bands", "6-views"],
+    ids=["default", "roundabout-2-bands", "6-views", "opendrive-file"],
 )
 def test_run_writes_a_video_of_the_asked_frames(runs, request, overrides, views):
     result, out = runs.result(request, "video")  # frames=6 out=... *overrides
@@ -123,6 +127,7 @@ def test_run_same_seed_same_video_different_seed_different(runs, request):
     "override, named",
     [
         ("world.map=moon", "moon"),
+        ("world.map=maps/Town99.xodr", "world.map='maps/Town99.xodr': no such file"),
         ("world=moon", "world"),
         ("pipeline.stepz=3", "pipeline.stepz"),
         ("pipeline.bands=5", "bands"),
