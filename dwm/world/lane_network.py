@@ -47,7 +47,9 @@ class PolylineLane(AbstractLane):
                       zip(points[:-1].tolist(), self._dir.tolist(), self._seg_len.tolist(), self._s[:-1].tolist())]
         self._s_list = self._s.tolist()
         # Curvature (1/m) of each segment from the headings at its ends.
-        self._curvature = np.abs(np.diff(self._headings)) / self._seg_len
+        curvature = np.abs(np.diff(self._headings)) / self._seg_len
+        self._curves = [(float(self._s[k]), float(self._s[k + 1]), float(curvature[k]))
+                        for k in np.flatnonzero(curvature > self.CURVED)]
         grow = self.VEHICLE_LENGTH + float(np.max(self._widths)) / 2 + 1.0
         self._box = (*(points.min(axis=0) - grow).tolist(), *(points.max(axis=0) + grow).tolist())
         self._heading_list = self._headings.tolist()
@@ -57,13 +59,12 @@ class PolylineLane(AbstractLane):
         self.speed_limit = speed_limit
         self.priority = priority
 
-    def curves_ahead(self, s: float, reach: float) -> tuple[np.ndarray, np.ndarray]:
-        """(distance (k,) m from s to the start of each segment ahead within `reach` m, or 0 for
-        the one at s; curvature (k,) 1/m of those segments)."""
-        first = self._segment(s)
-        last = int(np.searchsorted(self._s, s + reach, side="right"))
-        k = np.arange(first, min(max(last, first + 1), len(self._seg_len)))
-        return np.maximum(self._s[k] - s, 0.0), self._curvature[k]
+    CURVED = 1e-3  # 1/m: segments bending more than this are curves (radius under 1 km)
+
+    def curves_ahead(self, s: float, reach: float) -> list[tuple[float, float]]:
+        """[(distance (m) from s to the curve's start, 0 when at it; its curvature (1/m))] of
+        the curved segments ahead of s within `reach` m."""
+        return [(max(s0 - s, 0.0), kappa) for s0, s1, kappa in self._curves if s1 > s and s0 < s + reach]
 
     def may_hold(self, position: np.ndarray) -> bool:
         """False when `position` is surely not `on_lane` with a margin of up to 1 m (outside the

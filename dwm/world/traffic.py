@@ -133,26 +133,24 @@ class TrafficCar(TracksLanes, IDMVehicle):
     def _curve_limit(self) -> float:
         """Acceleration (m/s^2) that brings the car down to each curve's speed before it reaches
         it, on the lane it follows and the next lane of its route (lanes that know their
-        curvature, `PolylineLane`; no limit otherwise)."""
+        curves, `PolylineLane`; no limit otherwise)."""
         lane = self.road.network.get_lane(self.target_lane_index)
         if not hasattr(lane, "curves_ahead"):
             return math.inf
         s = lane.local_coordinates(self.position)[0]
-        parts = [lane.curves_ahead(s, self.CURVE_LOOKAHEAD_M)]
-        route = self.route or []
-        nxt = next((r for r in route if r[0] == self.target_lane_index[1]), None)
+        curves = lane.curves_ahead(s, self.CURVE_LOOKAHEAD_M)
+        nxt = next((r for r in self.route or [] if r[0] == self.target_lane_index[1]), None)
         if nxt is not None:
-            distance, curvature = self.road.network.get_lane(nxt).curves_ahead(0.0, self.CURVE_LOOKAHEAD_M)
-            parts.append((distance + max(lane.length - s, 0.0), curvature))
-        distance = np.concatenate([p[0] for p in parts])
-        curvature = np.concatenate([p[1] for p in parts])
-        fast = curvature > 1e-3
-        if not fast.any():
-            return math.inf
-        v_curve = np.sqrt(self.LATERAL_ACC_MAX / curvature[fast])
+            to_end = max(lane.length - s, 0.0)
+            if to_end < self.CURVE_LOOKAHEAD_M:
+                ahead = self.road.network.get_lane(nxt).curves_ahead(0.0, self.CURVE_LOOKAHEAD_M - to_end)
+                curves += [(d + to_end, kappa) for d, kappa in ahead]
         v = max(self.speed, 0.0)
-        needed = (v_curve**2 - v * v) / (2.0 * np.maximum(distance[fast], 1.0))
-        return float(min(np.min(needed), self.COMFORT_ACC_MAX))
+        limit = math.inf
+        for distance, kappa in curves:
+            v_curve_sq = self.LATERAL_ACC_MAX / kappa
+            limit = min(limit, (v_curve_sq - v * v) / (2.0 * max(distance, 1.0)))
+        return min(limit, self.COMFORT_ACC_MAX)
 
     def _follow(self, distance: float, leader_speed: float, leader_length: float) -> float:
         """IDM acceleration (m/s^2) behind a leader `distance` m ahead, centre to centre (as
@@ -176,16 +174,12 @@ class TrafficCar(TracksLanes, IDMVehicle):
         """(distance ahead in m, vehicle) of the nearest vehicle in the lane-wide corridor
         straight ahead, or None."""
         st = road.state
-        rel = st.positions - self.position  # (N, 2)
-        lon = rel @ self.direction
-        lat = rel @ np.array([-self.direction[1], self.direction[0]])
-        reach = max(self.CORRIDOR_MIN_M, self.speed * self.CORRIDOR_TIME_S) + self.LENGTH
-        beside = np.abs(lat) < (self.WIDTH + st.widths) / 2 + self.CORRIDOR_MARGIN_M
-        in_way = (lon > 0.0) & (lon < reach) & beside
-        # Oncoming traffic keeps to its own lane; a car still turning out of a junction would
-        # otherwise wait for the cars on the opposite lane. A car held at its stop line is not
-        # in the way of the junction's traffic, whatever a straight corridor along a curve says.
-        in_way &= (st.directions @ self.direction > -0.5) & (st.ids != id(self)) & ~st.held
+        if getattr(st, "corridors", None) is None:
+            st.corridors = self._corridors(st)
+        rows, lon_all, lat_all, reach_all, in_way_all = st.corridors
+        row = rows[id(self)]
+        lon, lat, reach = lon_all[row], lat_all[row], reach_all[row]
+        in_way = in_way_all[row].copy()
         # A car changing into this lane ahead is in the way before it is across.
         merging = st.merging_into.get(self.lane_index, [])
         if merging:
@@ -196,6 +190,28 @@ class TrafficCar(TracksLanes, IDMVehicle):
             return None
         k = np.flatnonzero(in_way)[np.argmin(lon[in_way])]
         return float(lon[k]), road.vehicles[k]
+
+    @classmethod
+    def _corridors(cls, st) -> tuple:
+        """Every vehicle's corridor at once, from where everyone is before anyone acts (the
+        road's `state`): (row of each vehicle by id, lon (N, N) m ahead of vehicle i to j along
+        i's heading, lat (N, N) m across, reach (N,) m of i's corridor, in_way (N, N))."""
+        vehicles = st.vehicles
+        rel = st.positions[None, :, :] - st.positions[:, None, :]  # (N, N, 2): j relative to i
+        d = st.directions  # (N, 2)
+        lon = rel[..., 0] * d[:, 0:1] + rel[..., 1] * d[:, 1:2]
+        lat = rel[..., 1] * d[:, 0:1] - rel[..., 0] * d[:, 1:2]
+        speeds = np.array([v.speed for v in vehicles], dtype=np.float64)
+        lengths = np.array([v.LENGTH for v in vehicles], dtype=np.float64)
+        reach = np.maximum(cls.CORRIDOR_MIN_M, speeds * cls.CORRIDOR_TIME_S) + lengths
+        beside = np.abs(lat) < (st.widths[:, None] + st.widths[None, :]) / 2 + cls.CORRIDOR_MARGIN_M
+        in_way = (lon > 0.0) & (lon < reach[:, None]) & beside
+        # Oncoming traffic keeps to its own lane; a car still turning out of a junction would
+        # otherwise wait for the cars on the opposite lane. A car held at its stop line is not
+        # in the way of the junction's traffic, whatever a straight corridor along a curve says.
+        in_way &= (d @ d.T > -0.5) & ~np.eye(len(vehicles), dtype=bool) & ~st.held[None, :]
+        rows = {id(v): i for i, v in enumerate(vehicles)}
+        return rows, lon, lat, reach, in_way
 
     # -------------------------------------------------------------- lateral
 

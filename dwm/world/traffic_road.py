@@ -241,6 +241,7 @@ class TrafficRoad(Road):
             ids=np.array([id(v) for v in vehicles], dtype=np.int64),
             merging_into={},  # lane index -> rows of the cars changing into it
             on_lane={},  # (lane, vehicle) -> s (m) on the lane, or None when not on it
+            corridors=None,  # every vehicle's corridor ahead, found by the first car that looks
         )
         for row, v in enumerate(vehicles):
             target = getattr(v, "target_lane_index", None)
