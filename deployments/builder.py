@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 from ray.serve import Application
 
@@ -20,6 +22,7 @@ from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, condition_fps, instantiate
 from dwm.models.checkpoint import check_weights
 from dwm.pipelines.fifo import BandedFifoQueue
+from dwm.world.opendrive_map import is_opendrive_path
 
 CLOCKS = ("lockstep", "realtime")
 # Where `python -m deployments` listens: that command's, never the app's (see `app`).
@@ -41,6 +44,7 @@ def app(args: dict[str, str] | None = None) -> Application:
         )
     cfg = compose(args)
     check(cfg)
+    anchor_world_map(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)  # crosses to the replicas as plain data
     s = cfg.serve
     # Short graceful shutdowns: the actors close their streams in well under a second. Health
@@ -62,6 +66,14 @@ def app(args: dict[str, str] | None = None) -> Application:
     return Ingress.options(
         num_replicas=int(s.ingress.replicas), ray_actor_options=actor(num_cpus=s.ingress.num_cpus), **stop
     ).bind(sessions, s.max_body_bytes, allowed_hosts(cfg))
+
+
+def anchor_world_map(cfg: DictConfig) -> None:
+    """An OpenDRIVE file given as `world.map` by a relative path is taken from here, where the
+    app is built: the World replica runs in a working folder of Ray's."""
+    name = OmegaConf.select(cfg, "world.map")
+    if isinstance(name, str) and is_opendrive_path(name):
+        cfg.world.map = str(Path(name).expanduser().resolve())
 
 
 def replica_env(cfg: DictConfig) -> dict[str, str]:

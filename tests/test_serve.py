@@ -653,6 +653,7 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
         ({"serve.health_check_s": "0"}, "serve.health_check_s"),
         ({"serve.malloc_mmap_threshold": "-1"}, "serve.malloc_mmap_threshold"),
+        ({"world.map": "maps/Town99.xodr"}, "world.map='maps/Town99.xodr': no such file"),
     ],
 )
 def test_builder_refuses_a_bad_override_naming_it(override, named):

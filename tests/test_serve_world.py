@@ -64,3 +64,21 @@ def test_a_world_per_session_gives_each_driver_the_same_scenario_alone():
 def test_world_mode_must_be_a_bool():
     with pytest.raises(ConfigError, match="serve.world.shared"):
         deployments.app({"serve.world.shared": "sometimes"})
+
+
+def test_the_world_actor_drives_an_opendrive_file_given_by_a_relative_path(monkeypatch, tmp_path):
+    pytest.importorskip("carla")
+    from deployments.builder import anchor_world_map
+
+    cfg = compose({"world.vehicles": "6", "world.map": "tests/data/town_grid_rht.xodr"})
+    anchor_world_map(cfg)  # as the app builder does, in the folder it is started from
+    monkeypatch.chdir(tmp_path)  # the replica runs elsewhere
+    world = WorldActor.func_or_class(OmegaConf.to_container(cfg, resolve=True))
+    a, b = world.add_ego(), world.add_ego()
+    start = world.observe_many([a, b])
+    for _ in range(20):
+        world.tick()
+    after = world.observe_many([a, b])
+    for ego in (a, b):  # both drive on the file's lanes and see its lines
+        assert np.linalg.norm(after[ego].ego_pose[:2, 3] - start[ego].ego_pose[:2, 3]) > 1.0
+        assert len(after[ego].map_lines) > 0

@@ -104,10 +104,59 @@ class TrafficCar(TracksLanes, IDMVehicle):
 
     # -------------------------------------------------------------- longitudinal
 
+    # highway-env's IDM/MOBIL step, steering and IDM acceleration, written with `math` on plain
+    # floats: the same formulas without numpy's cost per scalar call (most of a tick with many
+    # cars). numpy's and libm's asin/pow may differ in the last bit, so trajectories match
+    # highway-env's own to rounding, not bit for bit (the same seed still gives the same run).
+
+    def _idm_mobil(self) -> None:
+        """highway-env's `IDMVehicle.act`: follow the road, MOBIL, steer, IDM on the lane (and
+        on the target lane while changing)."""
+        self.follow_road()
+        if self.enable_lane_change:
+            self.change_lane_policy()
+        steering = self.steering_control(self.target_lane_index)
+        steering = min(max(steering, -self.MAX_STEERING_ANGLE), self.MAX_STEERING_ANGLE)
+        front, rear = self.road.neighbour_vehicles(self, self.lane_index)
+        acceleration = self.acceleration(ego_vehicle=self, front_vehicle=front, rear_vehicle=rear)
+        if self.lane_index != self.target_lane_index:
+            front, rear = self.road.neighbour_vehicles(self, self.target_lane_index)
+            acceleration = min(acceleration, self.acceleration(ego_vehicle=self, front_vehicle=front, rear_vehicle=rear))
+        acceleration = min(max(acceleration, -self.ACC_MAX), self.ACC_MAX)
+        Vehicle.act(self, {"steering": steering, "acceleration": acceleration})
+
+    def steering_control(self, target_lane_index: LaneIndex) -> float:
+        lane = self.road.network.get_lane(target_lane_index)
+        s, lateral = lane.local_coordinates(self.position)
+        future_heading = lane.heading_at(s + self.speed * self.TAU_PURSUIT)
+        lateral_speed = -self.KP_LATERAL * lateral
+        heading_command = math.asin(min(max(lateral_speed / utils.not_zero(self.speed), -1.0), 1.0))
+        heading_ref = future_heading + min(max(heading_command, -math.pi / 4), math.pi / 4)
+        heading_rate = self.KP_HEADING * utils.wrap_to_pi(heading_ref - self.heading)
+        slip = math.asin(min(max(self.LENGTH / 2 / utils.not_zero(self.speed) * heading_rate, -1.0), 1.0))
+        steering = math.atan(2 * math.tan(slip))
+        return float(min(max(steering, -self.MAX_STEERING_ANGLE), self.MAX_STEERING_ANGLE))
+
+    def acceleration(self, ego_vehicle, front_vehicle=None, rear_vehicle=None) -> float:
+        if not ego_vehicle or not isinstance(ego_vehicle, Vehicle):
+            return 0
+        target = getattr(ego_vehicle, "target_speed", 0)
+        if ego_vehicle.lane and ego_vehicle.lane.speed_limit is not None:
+            target = min(max(target, 0), ego_vehicle.lane.speed_limit)
+        acceleration = self.COMFORT_ACC_MAX * (
+            1 - (max(ego_vehicle.speed, 0) / abs(utils.not_zero(target))) ** self.DELTA
+        )
+        if front_vehicle:
+            d = ego_vehicle.lane_distance_to(front_vehicle)
+            acceleration -= self.COMFORT_ACC_MAX * (self.desired_gap(ego_vehicle, front_vehicle) / utils.not_zero(d)) ** 2
+        return acceleration
+
     def act(self, action: dict | str | None = None) -> None:
-        super().act(action)  # IDM and MOBIL
+        if self.crashed:
+            return
+        self._idm_mobil()
         road = self.road
-        if self.crashed or not isinstance(road, TrafficRoad):
+        if not isinstance(road, TrafficRoad):
             return
         acceleration = float(self.action["acceleration"])
         blocker = self._nearest_in_corridor(road)
