@@ -7,7 +7,7 @@ default map. Every world drives `--warm` ticks first, then the worlds take turns
 rounds of `--ticks` ticks, each tick followed by the ego's observation. The table gives the
 median time per tick + observation and its ratio to the highway's.
 
-    .venv/bin/python -m bench.bench_world [--cars 30] [--ticks 100] [--repeats 7]
+    .venv/bin/python -m bench.bench_world [--cars 30] [--ticks 50] [--repeats 21]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def town01_sized(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cars", type=int, default=30, help="traffic vehicles besides the ego")
-    parser.add_argument("--ticks", type=int, default=100, help="ticks per timed round")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per map")
+    parser.add_argument("--ticks", type=int, default=50, help="ticks per timed round")
+    parser.add_argument("--repeats", type=int, default=21, help="timed rounds per map (the maps take turns)")
     parser.add_argument("--warm", type=int, default=100, help="ticks before timing (traffic spreads out)")
     args = parser.parse_args()
 

@@ -32,23 +32,44 @@ class MapGeometry:
 
     def near(self, xy: np.ndarray, radius: float) -> MapLines:
         """Segments with an endpoint within `radius` m of the world point `xy` (2,), in map order."""
-        rows = self._candidates(np.asarray(xy, dtype=np.float64), radius)
-        starts, ends = self.starts[rows, :2], self.ends[rows, :2]
-        r2 = radius * radius
-        near = (np.sum((starts - xy) ** 2, axis=1) <= r2) | (np.sum((ends - xy) ** 2, axis=1) <= r2)
-        rows = rows[near]
+        xy = np.asarray(xy, dtype=np.float64)
+        if len(self.kinds) < CULL_GRID_MIN_SEGMENTS:
+            rows = self._within(np.arange(len(self.kinds)), xy, radius)
+        else:
+            rows = self._near_by_cells(xy, radius)
         return MapLines(self.starts[rows], self.ends[rows], self.kinds[rows])
 
-    def _candidates(self, xy: np.ndarray, radius: float) -> np.ndarray:
-        """Sorted rows of the segments with an endpoint in a grid cell that the square of
-        half side `radius` around `xy` touches (every row for small maps)."""
-        if len(self.kinds) < CULL_GRID_MIN_SEGMENTS:
-            return np.arange(len(self.kinds))
+    def _within(self, rows: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
+        """The `rows` whose segment has an endpoint within `radius` m of `xy`."""
+        a = self.starts[rows, :2] - xy
+        b = self.ends[rows, :2] - xy
+        r2 = radius * radius
+        near = (a[:, 0] * a[:, 0] + a[:, 1] * a[:, 1] <= r2) | (b[:, 0] * b[:, 0] + b[:, 1] * b[:, 1] <= r2)
+        return rows[near]
+
+    def _near_by_cells(self, xy: np.ndarray, radius: float) -> np.ndarray:
+        """`near`'s rows from the grid: the segments of cells wholly within the circle are in,
+        those of cells it crosses are tested; the same rows as testing every segment."""
         lo = np.floor((xy - radius) / CULL_CELL_M).astype(np.int64)
         hi = np.floor((xy + radius) / CULL_CELL_M).astype(np.int64)
         cells = self._cells
-        parts = [cells[(i, j)] for i in range(lo[0], hi[0] + 1) for j in range(lo[1], hi[1] + 1) if (i, j) in cells]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        take = np.zeros(len(self.kinds), dtype=bool)
+        maybe = []
+        r2 = radius * radius
+        for i in range(int(lo[0]), int(hi[0]) + 1):
+            dx = max(abs(i * CULL_CELL_M - xy[0]), abs((i + 1) * CULL_CELL_M - xy[0]))
+            for j in range(int(lo[1]), int(hi[1]) + 1):
+                rows = cells.get((i, j))
+                if rows is None:
+                    continue
+                dy = max(abs(j * CULL_CELL_M - xy[1]), abs((j + 1) * CULL_CELL_M - xy[1]))
+                if dx * dx + dy * dy <= r2:
+                    take[rows] = True  # the whole cell is within the circle
+                else:
+                    maybe.append(rows)
+        if maybe:
+            take[self._within(np.concatenate(maybe), xy, radius)] = True
+        return np.flatnonzero(take)
 
     @functools.cached_property
     def _cells(self) -> dict[tuple[int, int], np.ndarray]:

@@ -91,6 +91,7 @@ class TrafficRoad(Road):
             ids=np.zeros(0, dtype=np.int64),
             merging_into={},
             on_lane={},
+            candidates={},
             held=np.zeros(0, dtype=bool),
         )
 
@@ -169,13 +170,25 @@ class TrafficRoad(Road):
         positions = self.state.positions
         if not lane_index or self.state.vehicles is not self.vehicles or len(positions) != len(self.vehicles):
             return super().neighbour_vehicles(vehicle, lane_index)
-        # Only vehicles inside the on-lane area of the lane, its road and the roads just before
-        # and after it can be found there.
-        boxes = self._search_boxes[lane_index[:2]]  # (K, 4): x0, y0, x1, y1
+        candidates = self.state.candidates.get(lane_index[:2])
+        if candidates is None:
+            self._find_candidates([lane_index[:2]])
+            candidates = self.state.candidates[lane_index[:2]]
+        return self._nearest_on(vehicle, lane_index, candidates)
+
+    def _find_candidates(self, roads: list[tuple[str, str]]) -> None:
+        """For each road: the vehicles inside the on-lane area of its lanes and of the lanes just
+        before, after and beside them (only they can be found there), all roads in one pass."""
+        positions = self.state.positions
+        boxes = np.concatenate([self._search_boxes[r] for r in roads])  # (K, 4): x0, y0, x1, y1
         inside = (positions[:, None, 0] >= boxes[None, :, 0]) & (positions[:, None, 0] <= boxes[None, :, 2])
         inside &= (positions[:, None, 1] >= boxes[None, :, 1]) & (positions[:, None, 1] <= boxes[None, :, 3])
-        candidates = [self.vehicles[k] for k in np.flatnonzero(inside.any(axis=1))]
-        return self._nearest_on(vehicle, lane_index, candidates)
+        ends = np.cumsum([len(self._search_boxes[r]) for r in roads])
+        hits = np.logical_or.reduceat(inside, np.concatenate([[0], ends[:-1]]), axis=1) if len(positions) else \
+            np.zeros((0, len(roads)), dtype=bool)
+        vehicles = self.vehicles
+        for road, column in zip(roads, hits.T):
+            self.state.candidates[road] = [vehicles[k] for k in np.flatnonzero(column)]
 
     def _nearest_on(self, vehicle: Vehicle, lane_index: LaneIndex, candidates: list[Vehicle]) -> tuple:
         """highway-env's `Road.neighbour_vehicles` (connected lanes) among `candidates`, with
@@ -242,7 +255,11 @@ class TrafficRoad(Road):
             merging_into={},  # lane index -> rows of the cars changing into it
             on_lane={},  # (lane, vehicle) -> s (m) on the lane, or None when not on it
             corridors=None,  # every vehicle's corridor ahead, found by the first car that looks
+            candidates={},  # road -> the vehicles that may be on its lanes or those around them
         )
+        roads = list(dict.fromkeys(v.lane_index[:2] for v in vehicles if v.lane_index is not None))
+        if roads:
+            self._find_candidates(roads)
         for row, v in enumerate(vehicles):
             target = getattr(v, "target_lane_index", None)
             if target is not None and target != v.lane_index:
