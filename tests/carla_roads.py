@@ -290,3 +290,36 @@ def ring_road(radius: float = 40.0, lanes: int = 2, width: float = LANE_WIDTH, l
                 lane.insert(0, link)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode")
+
+
+def narrowing_road(length: float = 300.0, narrow_from: float = 120.0, narrow_over: float = 50.0,
+                   width: float = LANE_WIDTH) -> str:
+    """A straight road along +x: two lanes in the direction of travel (lanes -1 and -2 under
+    right-hand traffic) and one against it; from `narrow_from` m the outer lane -2 narrows to
+    nothing over `narrow_over` m, and the road goes on with one lane each way. Broken line
+    between -1 and -2; both ends of the road end the map."""
+    root = ET.Element("OpenDRIVE")
+    ET.SubElement(root, "header", revMajor="1", revMinor="4", name="narrowing", version="1",
+                  north="0", south="0", east="0", west="0")
+    road = _road(root, 1, 0.0, 0.0, 0.0, length, "RHT")
+    lanes = ET.SubElement(road, "lanes")
+    sections = ((0.0, 2, None), (narrow_from, 2, narrow_over), (narrow_from + narrow_over, 1, None))
+    for k, (s0, right_lanes, narrowing) in enumerate(sections):
+        section = ET.SubElement(lanes, "laneSection", s=str(s0))
+        links = (k > 0 or None, k < len(sections) - 1 or None)
+        left = ET.SubElement(section, "left")
+        _lane(left, 1, width, "solid", links=tuple(1 if x else None for x in links))
+        centre = ET.SubElement(section, "center")
+        ET.SubElement(ET.SubElement(centre, "lane", id="0", type="none", level="false"), "roadMark",
+                      sOffset="0", type="solid", weight="standard", color="standard", width="0.15")
+        right = ET.SubElement(section, "right")
+        for lane_id in range(1, right_lanes + 1):
+            mark = "broken" if lane_id < right_lanes else "solid"
+            pred = -lane_id if k > 0 else None
+            succ = -lane_id if k < len(sections) - 1 and not (narrowing and lane_id == 2) else None
+            _lane(right, -lane_id, width, mark, links=(pred, succ))
+            if narrowing and lane_id == 2:
+                w = right[-1].find("width")
+                w.set("b", str(-width / narrowing))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode")

@@ -154,12 +154,57 @@ def test_a_missing_file_or_one_carla_refuses_is_a_clear_error_naming_the_key(tmp
         EmbeddedWorld(map="townhall")
 
 
-def test_a_file_with_dead_ends_takes_cars_out_at_them_and_brings_them_back():
-    # The junction of the map extraction tests: its arms end at the map's border.
-    world = EmbeddedWorld(map=str(DATA / "junction_rht.xodr"), vehicles=6, seed=2)
+def test_a_junction_carla_leaves_unlinked_is_driven_through_and_its_dead_ends_let_cars_out():
+    # The junction of the map extraction tests (written by scenariogeneration): Carla links no
+    # lane into it, but lanes start where the arms' lanes end; the arms end at the map's border.
+    world = EmbeddedWorld(map=str(DATA / "junction_rht.xodr"), vehicles=8, seed=2)
     ego = world.add_ego()
     world.set_autopilot(ego, True)
     watch = Watch(world)
-    drive(world, 300, watch)
+    drive(world, TICKS_60_S, watch)
     assert watch.crashed == 0
-    assert len(world.egos()) == 1 and world.observe(ego).ego_speed >= 0.0
+    assert len(watch.through) >= 5
+    assert len(world._road.vehicles) >= 8  # cars that left at a dead end came back
+
+
+def test_a_lane_that_narrows_away_is_left_in_time_and_never_entered():
+    path = str(DATA / "narrowing_lane.xodr")
+    world = EmbeddedWorld(map=path, vehicles=14, seed=4)
+    ending = world._road.ending_lanes
+    assert len(ending) == 1  # the outer lane where it narrows
+    (index,) = ending
+    lane = world._network.get_lane(index)
+    (beside,) = world._network.side_lanes(index)  # the lane that goes on
+    going_on = world._network.get_lane(beside)
+    assert lane.usable_length < lane.length - 30.0  # too narrow for a car well before its end
+    outside = []  # m beyond the lane that goes on, of cars past where the other is too narrow
+    came, into = [], []
+
+    def look(w):
+        for v in w._road.vehicles:
+            s = lane.local_coordinates(v.position)[0]
+            if v.lane_index == index:
+                came.append(v)
+            if lane.usable_length + 2.0 < s < lane.length and v.lane_index in (index, beside):
+                s_on, lateral = going_on.local_coordinates(v.position)
+                outside.append(abs(lateral) - going_on.width_at(s_on) / 2)
+            if getattr(v, "target_lane_index", None) == index and v.lane_index == beside:
+                into.append(v.lane_index)  # a lane change into it (cars behind it follow their lane on)
+
+    watch = Watch(world)
+    drive(world, TICKS_60_S, lambda w: (watch(w), look(w)))
+    assert watch.crashed == 0
+    assert came and watch.changes > 0  # cars came onto the narrowing stretch and merged
+    assert outside and max(outside) < 1.0  # past that point a car at most leans over the line
+    assert into == []  # nobody changed into it
+
+
+def test_lanes_carla_cannot_place_are_left_out_with_a_warning(caplog):
+    # Two roads whose ids Carla reads as one number: their waypoints mix into no line.
+    world = EmbeddedWorld(map=str(DATA / "string_road_ids.xodr"), vehicles=4, seed=0)
+    assert "do not form one line" in caplog.text
+    watch = Watch(world)
+    drive(world, 300, watch)
+    assert watch.crashed == 0 and watch.beyond_edge < 0.3
+    with pytest.raises(ValueError, match=r"world\.map=.*nan_geometry\.xodr.*no driving lane.*cannot place"):
+        EmbeddedWorld(map=str(DATA / "nan_geometry.xodr"))

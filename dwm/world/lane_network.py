@@ -46,6 +46,17 @@ class PolylineLane(AbstractLane):
         self._segs = [(*p, *u, n, s0) for p, u, n, s0 in
                       zip(points[:-1].tolist(), self._dir.tolist(), self._seg_len.tolist(), self._s[:-1].tolist())]
         self._s_list = self._s.tolist()
+        # Where the lane gets too narrow for a car for good (a lane that narrows away): a car
+        # waiting to leave it stops before.
+        self.usable_length = self.length
+        wide = np.flatnonzero(self._widths >= self.NARROW_M)
+        if self._widths[-1] < self.NARROW_M:
+            k = int(wide[-1]) if len(wide) else -1
+            if k < 0:
+                self.usable_length = 0.0
+            else:  # where the width falls through NARROW_M on the segment after the last wide point
+                w0, w1 = self._widths[k], self._widths[k + 1]
+                self.usable_length = float(self._s[k] + (self._s[k + 1] - self._s[k]) * (w0 - self.NARROW_M) / (w0 - w1))
         # Curvature (1/m) of each segment from the headings at its ends.
         curvature = np.abs(np.diff(self._headings)) / self._seg_len
         self._curves = [(float(self._s[k]), float(self._s[k + 1]), float(curvature[k]))
@@ -59,6 +70,7 @@ class PolylineLane(AbstractLane):
         self.speed_limit = speed_limit
         self.priority = priority
 
+    NARROW_M = 2.5  # m: narrower than this a lane holds no car
     CURVED = 1e-3  # 1/m: segments bending more than this are curves (radius under 1 km)
 
     def curves_ahead(self, s: float, reach: float) -> list[tuple[float, float]]:

@@ -35,17 +35,21 @@ def blocking(
 ) -> np.ndarray:
     """Mask (N,) of the vehicles too close to place a vehicle of `category` at `xy`, `heading`
     moving at `speed` m/s: within its lane-wide box with a bumper gap of 5 m + 0.6 s at that
-    speed ahead and behind, or touching it whatever their lane."""
+    speed ahead and behind (behind: 1.5 s at the speed of a vehicle coming on, if more), or
+    touching it whatever their lane."""
     if not vehicles:
         return np.zeros(0, dtype=bool)
     rel = np.array([v.position for v in vehicles]) - xy  # (N, 2)
     lengths = np.array([v.LENGTH for v in vehicles])
     widths = np.array([v.WIDTH for v in vehicles])
-    lon = rel @ np.array([math.cos(heading), math.sin(heading)])
+    forward = np.array([math.cos(heading), math.sin(heading)])
+    lon = rel @ forward
     lat = rel @ np.array([-math.sin(heading), math.cos(heading)])
+    coming = np.maximum(np.array([v.speed for v in vehicles]) * (np.array([v.direction for v in vehicles]) @ forward), 0.0)
     length, width, _ = CATEGORY_SIZES[category]
     half = (lengths + length) / 2
-    in_box = (np.abs(lon) < half + 5.0 + 0.6 * abs(speed)) & (np.abs(lat) < (widths + width) / 2 + 1.0)
+    gap = np.where(lon < 0.0, np.maximum(0.6 * abs(speed), 1.5 * coming), 0.6 * abs(speed))
+    in_box = (np.abs(lon) < half + 5.0 + gap) & (np.abs(lat) < (widths + width) / 2 + 1.0)
     return in_box | (np.hypot(lon, lat) < half + 3.0)
 
 

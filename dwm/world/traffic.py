@@ -165,7 +165,8 @@ class TrafficCar(TracksLanes, IDMVehicle):
             along = float(np.dot(leader.velocity, self.direction))
             acceleration = min(acceleration, self._follow(distance, along, leader.LENGTH))
         if self.lane_index in road.ending_lanes and self.lane_index == self.target_lane_index:
-            to_end = self.lane.length - self.lane.local_coordinates(self.position)[0]
+            end = getattr(self.lane, "usable_length", self.lane.length)  # a lane may narrow away first
+            to_end = end - self.lane.local_coordinates(self.position)[0]
             acceleration = min(acceleration, self._stop_at(to_end - self.LANE_END_GAP_M))
         acceleration = min(acceleration, self._curve_limit())
         to_line = road.stop_line_distance(self)
@@ -253,12 +254,17 @@ class TrafficCar(TracksLanes, IDMVehicle):
         speeds = np.array([v.speed for v in vehicles], dtype=np.float64)
         lengths = np.array([v.LENGTH for v in vehicles], dtype=np.float64)
         reach = np.maximum(cls.CORRIDOR_MIN_M, speeds * cls.CORRIDOR_TIME_S) + lengths
-        beside = np.abs(lat) < (st.widths[:, None] + st.widths[None, :]) / 2 + cls.CORRIDOR_MARGIN_M
+        # How far vehicle j reaches sideways seen along i's heading: its whole footprint, so
+        # that a car standing across two lanes (a lane change stopped halfway) is in the way.
+        cos = d @ d.T
+        sin = d[:, 0:1] * d[None, :, 1] - d[:, 1:2] * d[None, :, 0]
+        reach_across = np.abs(sin) * lengths[None, :] / 2 + np.abs(cos) * st.widths[None, :] / 2
+        beside = np.abs(lat) < st.widths[:, None] / 2 + reach_across + cls.CORRIDOR_MARGIN_M
         in_way = (lon > 0.0) & (lon < reach[:, None]) & beside
         # Oncoming traffic keeps to its own lane; a car still turning out of a junction would
         # otherwise wait for the cars on the opposite lane. A car held at its stop line is not
         # in the way of the junction's traffic, whatever a straight corridor along a curve says.
-        in_way &= (d @ d.T > -0.5) & ~np.eye(len(vehicles), dtype=bool) & ~st.held[None, :]
+        in_way &= (cos > -0.5) & ~np.eye(len(vehicles), dtype=bool) & ~st.held[None, :]
         rows = {id(v): i for i, v in enumerate(vehicles)}
         return rows, lon, lat, reach, in_way
 
@@ -292,8 +298,11 @@ class TrafficCar(TracksLanes, IDMVehicle):
     def mobil(self, lane_index: LaneIndex) -> bool:
         allowed = getattr(self.road.network, "lane_change_allowed", None)  # a map's markings
         if allowed is not None:
-            if not allowed(self.lane_index, lane_index, self.position):
+            # Out of a lane that ends a car merges whatever the line says: there is no other way on.
+            if self.lane_index not in self.road.ending_lanes and not allowed(self.lane_index, lane_index, self.position):
                 return False
+            if lane_index in self.road.ending_lanes:
+                return False  # never into a lane that ends or narrows away
             if abs(self.lane.local_angle(self.heading, self.lane.local_coordinates(self.position)[0])) > self.CHANGE_ANGLE_MAX:
                 return False  # still turning (just out of a junction): no lane change across the turn
         if isinstance(self.road, TrafficRoad) and self.road.near_stop_line(lane_index, self.position, self.speed):

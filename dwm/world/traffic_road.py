@@ -78,6 +78,16 @@ class TrafficRoad(Road):
             for i in range(len(lanes))
             if b in network.graph and all(len(nxt) <= i for nxt in network.graph[b].values())
         }
+        if isinstance(network, LaneNetwork):
+            # A map's lane that leads nowhere or gets too narrow for a car, beside one that goes on.
+            def goes_on(index: LaneIndex) -> bool:
+                lane = network.get_lane(index)
+                return bool(network.graph.get(index[1])) and lane.usable_length == lane.length
+
+            self.ending_lanes = {
+                index for index, sides in network.sides.items()
+                if not goes_on(index) and any(goes_on(side) for side in sides)
+            }
         # Keyed by the vehicles themselves (identity): an id() may be reused by a new vehicle.
         self._arrival: dict[Vehicle, float] = {}  # when each waiting vehicle reached its line
         self._let_in: set[Vehicle] = set()  # waiting vehicles let into the junction
