@@ -35,7 +35,7 @@ def blocking(
 ) -> np.ndarray:
     """Mask (N,) of the vehicles too close to place a vehicle of `category` at `xy`, `heading`
     moving at `speed` m/s: within its lane-wide box with a bumper gap of 5 m + 0.6 s at that
-    speed ahead and behind (behind: 1.5 s at the speed of a vehicle coming on, if more), or
+    speed ahead and behind (behind, 1.5 s more at the speed a vehicle coming on gains on it), or
     touching it whatever their lane."""
     if not vehicles:
         return np.zeros(0, dtype=bool)
@@ -48,7 +48,8 @@ def blocking(
     coming = np.maximum(np.array([v.speed for v in vehicles]) * (np.array([v.direction for v in vehicles]) @ forward), 0.0)
     length, width, _ = CATEGORY_SIZES[category]
     half = (lengths + length) / 2
-    gap = np.where(lon < 0.0, np.maximum(0.6 * abs(speed), 1.5 * coming), 0.6 * abs(speed))
+    closing = np.maximum(coming - abs(speed), 0.0)  # m/s a vehicle behind gains on the new one
+    gap = 0.6 * abs(speed) + np.where(lon < 0.0, 1.5 * closing, 0.0)
     in_box = (np.abs(lon) < half + 5.0 + gap) & (np.abs(lat) < (widths + width) / 2 + 1.0)
     return in_box | (np.hypot(lon, lat) < half + 3.0)
 

@@ -282,8 +282,11 @@ class TrafficCar(TracksLanes, IDMVehicle):
         if self.keep_lane and not ending:
             return
         if ending and self.target_lane_index != self.lane_index:
-            # Still on the lane that ends: give the merge up while the gap closes.
-            if not self.mobil(self.target_lane_index):
+            # Still on the lane that ends: give the merge up while the gap closes, unless the
+            # lane is already too narrow to go back to (the cars behind make room then).
+            usable = getattr(self.lane, "usable_length", self.lane.length)
+            committed = self.lane.local_coordinates(self.position)[0] > usable - self.LENGTH / 2
+            if not committed and not self.mobil(self.target_lane_index):
                 self.target_lane_index = self.lane_index
             return
         super().change_lane_policy()
