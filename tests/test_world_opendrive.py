@@ -151,6 +151,8 @@ def test_a_missing_file_or_one_carla_refuses_is_a_clear_error_naming_the_key(tmp
     bad.write_text("<OpenDRIVE><header/></OpenDRIVE>")
     with pytest.raises(ValueError, match=r"world\.map=.*bad\.xodr.*no roads|world\.map=.*bad\.xodr.*OpenDRIVE"):
         EmbeddedWorld(map=str(bad))
+    with pytest.raises(ValueError, match=r"world\.map=.*direct_junction\.xodr.*Carla cannot build a map"):
+        EmbeddedWorld(map=str(DATA / "direct_junction.xodr"))  # a file Carla itself refuses
     with pytest.raises(ValueError, match=r"unknown map 'townhall'.*highway.*OpenDRIVE"):
         EmbeddedWorld(map="townhall")
 
