@@ -17,6 +17,7 @@ from ray.serve import Application
 from deployments.queue_server import QueueServer
 from deployments.ingress import Ingress
 from deployments.sessions import SessionManager
+from deployments.stages import TRANSPORTS
 from deployments.world import WorldActor
 from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, condition_fps, instantiate
@@ -125,6 +126,8 @@ def check(cfg: DictConfig) -> None:
             f"serve.stage.compiled_graph={s.stage.compiled_graph}: allowed true (Ray Compiled Graphs), "
             "false (plain Ray calls) or auto (true where the stages have GPUs)"
         )
+    if s.stage.transport not in TRANSPORTS:
+        raise ConfigError(f"serve.stage.transport={s.stage.transport}: allowed {', '.join(TRANSPORTS)}")
     threshold = s.malloc_mmap_threshold
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 <= threshold <= 2**25):
         raise ConfigError(f"serve.malloc_mmap_threshold={threshold}: must be null or a whole number of bytes in [0, 33554432]")

@@ -44,6 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import RayActorError, RayChannelError
+from ray.experimental.channel.cpu_communicator import CPUCommunicator
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -240,14 +241,23 @@ class Pipeline:
         remove_placement_group(self.group)
 
 
-def compile_pipeline(stages: list, on_gpus: bool) -> object:
+TRANSPORTS = ("auto", "cpu_communicator")
+
+
+def compile_pipeline(stages: list, on_gpus: bool, transport: str = "auto") -> object:
     """The compiled graph of one round over `stages` (see the module docstring): every stage
     steps on the round's input, each stage b > 0 takes stage b-1's hand-over; the outputs are
     the last stage's step and every take's account. on_gpus: the hand-overs' tensors go
-    device to device (NCCL), overlapped with the stages' compute."""
+    device to device (NCCL), overlapped with the stages' compute. transport "cpu_communicator"
+    (`serve.stage.transport`): the hand-overs' tensors go through Ray's CPU communicator, the
+    collective path of GPU stages taken by stages on CPUs (how that path is tested without
+    GPUs); "auto": NCCL on GPUs, else the frames are pickled into shared memory."""
     with InputNode() as work:
         steps = [stage.step.bind(work) for stage in stages]
-        if on_gpus:
+        if transport == "cpu_communicator":
+            communicator = CPUCommunicator(len(stages), stages)
+            steps[:-1] = [step.with_tensor_transport(transport=communicator) for step in steps[:-1]]
+        elif on_gpus:
             steps[:-1] = [step.with_tensor_transport("auto") for step in steps[:-1]]
         takes = [stage.take.bind(handed) for stage, handed in zip(stages[1:], steps[:-1])]
         graph = MultiOutputNode([steps[-1], *takes])
@@ -289,8 +299,8 @@ class DenoiserPool:
                 for b in range(self.bands)
             ]
             ray.get([stage.where.remote() for stage in stages])  # built, or the error now
-            graph = compile_pipeline(stages, on_gpus=bool(gpus) and str(cfg.device).startswith("cuda")) \
-                if use_graph else None
+            graph = compile_pipeline(stages, on_gpus=bool(gpus) and str(cfg.device).startswith("cuda"),
+                                     transport=str(s.stage.transport)) if use_graph else None
             self.pipelines.append(Pipeline(i, stages, group, graph))
         self.text_encoder = build_text_encoder(cfg)  # one for every session: the prompt cache is shared
         self.fronts: dict[str, SessionFront] = {}

@@ -46,9 +46,15 @@ def four_gpus(ray_runtime):
     assert ray.cluster_resources().get("GPU", 0) >= 4
 
 
-@pytest.mark.parametrize(("bands", "graph"), [(2, True), (4, True), (2, False)], ids=["2-graph", "4-graph", "2-calls"])
-def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_process(four_gpus, bands, graph):
-    cfg = config(bands, **{"serve.stage.compiled_graph": str(graph).lower()})
+@pytest.mark.parametrize(
+    ("bands", "graph", "transport"),
+    [(2, True, "auto"), (4, True, "auto"), (2, False, "auto"), (2, True, "cpu_communicator")],
+    ids=["2-graph", "4-graph", "2-calls", "2-graph-collective"],
+)
+def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_process(four_gpus, bands, graph, transport):
+    # collective: the hand-overs' tensors take the path they take between GPU stages (a
+    # communicator's send and receive), with Ray's CPU communicator in NCCL's place.
+    cfg = config(bands, **{"serve.stage.compiled_graph": str(graph).lower(), "serve.stage.transport": transport})
     (frames,) = packed_drive(cfg, frames=3 * bands + 4)
     # The queue in one piece, here, with the stages' thread count (1): a matmul's rounding
     # may depend on how many threads split it.
@@ -66,6 +72,11 @@ def test_a_pipeline_puts_each_band_on_its_own_gpu_and_makes_the_frames_of_one_pr
         gpus = [stage["gpu_ids"] for stage in pipeline["stages"]]
         assert [stage["band"] for stage in pipeline["stages"]] == list(range(bands))
         assert all(len(g) == 1 for g in gpus) and len({g[0] for g in gpus}) == bands, gpus
+
+        if transport == "cpu_communicator":  # each hand-over is a tensor channel of the communicator
+            hints = [task.dag_node.type_hint for task in pool.pipelines[0].graph.idx_to_task.values()]
+            typed = [type(getattr(h, "_communicator", None)).__name__ for h in hints if type(h).__name__ == "TorchTensorType"]
+            assert typed == ["CPUCommunicator"] * (bands - 1), typed
 
         assert pool.open("s", views=3, seed=5) == 3 * bands - 1
         got = []

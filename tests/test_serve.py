@@ -651,6 +651,7 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         ({"pipeline.cfg_parallel": "true", "pipeline.bands": "2"}, "pipeline.cfg_parallel=true runs with pipeline.bands=1"),
         ({"serve.http_port": "8100"}, "python -m deployments serve.http_port=PORT"),
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
+        ({"serve.stage.transport": "pigeon"}, "serve.stage.transport=pigeon: allowed auto, cpu_communicator"),
         ({"serve.health_check_s": "0"}, "serve.health_check_s"),
         ({"serve.malloc_mmap_threshold": "-1"}, "serve.malloc_mmap_threshold"),
         ({"world.map": "maps/Town99.xodr"}, "world.map='maps/Town99.xodr': no such file"),
