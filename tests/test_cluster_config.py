@@ -20,6 +20,10 @@ def test_the_cluster_file_passes_rays_launcher_schema():
     validate_config(prepare_config(copy.deepcopy(config)))  # raises on a bad key or value
     assert config["head_node_type"] in config["available_node_types"]
     assert any(t.get("min_workers", 0) >= 1 for name, t in config["available_node_types"].items() if name != "head")
+    # The 8-GPU machines users rent, each type with autoscaling bounds inside the cluster's.
+    workers = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+    assert {t["node_config"]["InstanceType"] for t in workers.values()} >= {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge"}
+    assert all(0 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"] for t in workers.values())
 
 
 def test_the_documented_serve_command_composes():
