@@ -28,6 +28,7 @@ import requests
 
 import deployments
 from dwm.client.api import ApiError, SessionClient
+from dwm.client.wheel import DEFAULT_AXES, Axis, Wheel, drive
 from deployments.served import new_session_id
 from dwm.config import ConfigError
 from dwm.session import DrivingSession
@@ -555,6 +556,19 @@ def test_the_python_client_drives_a_session_and_reports_refusals(api):
     with pytest.raises(ApiError) as gone:
         client.state()
     assert gone.value.status == 404
+
+
+def test_the_wheel_client_drives_a_session_with_recorded_wheel_input(api):
+    client = SessionClient.create(api.base)
+    api.tokens[client.id] = client.token
+    wheel = Wheel(*(Axis.parse(name, spec) for name, spec in DEFAULT_AXES.items()))
+    # A wheel turned left a quarter, throttle pedal (axis 5) at 0.6, then reverse toggled.
+    feed = iter([([-0.25, 0.0, 0.0, 0.0, 0.0, 0.6], []), ([-0.25, 0.0, 0.0, 0.0, 0.0, 0.6], [1])])
+    drive(wheel, lambda: next(feed), lambda control: client.control(**control), ticks=2, sleep=lambda s: None)
+    control = client.state()["control"]
+    assert (control["steer"], control["throttle"], control["brake"], control["reverse"]) == (-0.25, 0.6, 0.0, True)
+    assert client.delete()["id"] == client.id
+    api.tokens.pop(client.id)
 
 
 # ----------------------------------------------------------------------------- RTSP
