@@ -127,6 +127,8 @@ class SessionStats(BaseModel):
 class SessionState(BaseModel):
     id: str
     state: Literal["warming", "running", "world unavailable", "denoiser unavailable"]
+    progress: float = Field(ge=0.0, le=1.0, description="how far the queue's warm-up is: the frames pushed of those "
+                            "it takes until the first picture (stats.queue_depth + 1); 1 once pictures come")
     error: str | None = Field(description="why the session makes no frames now (the world or the denoiser cannot "
                               "be reached, e.g. while Serve restarts it), or null")
     ego: str = Field(description="the ego car's id in the world")

@@ -83,9 +83,12 @@ class ServedSession:
         else:
             state = "running" if stats.frames_out else "warming"
         latency_s = stats.control_latency_s
+        # The queue's warm-up: frames pushed of those until the first picture (1 once pictures come).
+        progress = 1.0 if stats.frames_out else round(min(stats.frames_in / (stats.queue_depth + 1), 1.0), 3)
         return {
             "id": self.id,
             "state": state,
+            "progress": progress,
             "error": world_error or denoiser_error,
             "ego": self.session.ego_id,
             "created": self.created,

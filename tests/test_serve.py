@@ -558,6 +558,24 @@ def test_the_python_client_drives_a_session_and_reports_refusals(api):
     assert gone.value.status == 404
 
 
+def test_a_new_session_tells_how_far_its_warm_up_is(api):
+    session = api.create()
+    seen = []
+
+    def running():
+        state = api.state(session["id"])
+        seen.append((state["state"], state["progress"], state["stats"]["frames_in"], state["stats"]["queue_depth"]))
+        return state["state"] == "running"
+
+    eventually(running, "the session's first picture")
+    assert seen[-1][:2] == ("running", 1.0)
+    warming = [(progress, frames_in, depth) for state, progress, frames_in, depth in seen if state == "warming"]
+    for progress, frames_in, depth in warming:  # the frames pushed of those until the first picture
+        assert progress == pytest.approx(min(frames_in / (depth + 1), 1.0), abs=1e-3)
+    assert [p for p, _, _ in warming] == sorted(p for p, _, _ in warming)  # it only grows
+    api.delete(session["id"])
+
+
 def test_the_wheel_client_drives_a_session_with_recorded_wheel_input(api):
     client = SessionClient.create(api.base)
     api.tokens[client.id] = client.token
