@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -79,3 +81,28 @@ def _reason(raw: bytes) -> str:
     if isinstance(detail, list):
         return "; ".join(str(d.get("msg", d)) for d in detail)
     return str(detail)
+
+
+def add_session_options(parser: argparse.ArgumentParser) -> None:
+    """--url, --session, --token: the session a client drives (a new one without --session)."""
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the Serve app (default %(default)s)")
+    parser.add_argument("--session", help="session id; leave out to start a new session")
+    parser.add_argument("--token", help="the session's token (from POST /sessions)")
+
+
+def check_session_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.session and not args.token:
+        parser.error("--session needs the session's --token (it came with the session's id)")
+
+
+def open_session(args: argparse.Namespace) -> SessionClient:
+    """The session of `add_session_options`' arguments (checked to exist), or a new one; says
+    on stderr which one and where its video is. ApiError when the server refuses or is away."""
+    if args.session:
+        client = SessionClient(args.url, args.session, args.token)
+        client.state()  # the session exists (404 otherwise)
+    else:
+        client = SessionClient.create(args.url)
+        print(f"session {client.id}  token {client.token}", file=sys.stderr)
+    print(f"video: {client.state()['streams']['mjpeg']}", file=sys.stderr)
+    return client

@@ -15,7 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from dwm.client.api import ApiError, SessionClient
+from dwm.client.api import ApiError, SessionClient, add_session_options, check_session_options, open_session
 
 # The reference's keyboard panel values.
 THROTTLE = 0.8
@@ -168,12 +168,9 @@ def run_window(tk, client: SessionClient, root) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dwm.client.keyboard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the Serve app (default %(default)s)")
-    parser.add_argument("--session", help="session id; leave out to start a new session")
-    parser.add_argument("--token", help="the session's token (from POST /sessions)")
+    add_session_options(parser)
     args = parser.parse_args(argv)
-    if args.session and not args.token:
-        parser.error("--session needs the session's --token (it came with the session's id)")
+    check_session_options(parser, args)
 
     try:
         import tkinter as tk
@@ -191,13 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        if args.session:
-            client = SessionClient(args.url, args.session, args.token)
-            client.state()  # the session exists (404 otherwise)
-        else:
-            client = SessionClient.create(args.url)
-            print(f"session {client.id}  token {client.token}", file=sys.stderr)
-        print(f"video: {client.state()['streams']['mjpeg']}", file=sys.stderr)
+        client = open_session(args)
     except ApiError as err:
         root.destroy()
         print(f"error: {err}", file=sys.stderr)

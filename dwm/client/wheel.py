@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from dwm.client.api import ApiError, SessionClient
+from dwm.client.api import ApiError, add_session_options, check_session_options, open_session
 from dwm.client.keyboard import ControlSender
 
 RATE_HZ = 20.0
@@ -155,9 +155,7 @@ def joystick_reader(index: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dwm.client.wheel", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the Serve app (default %(default)s)")
-    parser.add_argument("--session", help="session id; leave out to start a new session")
-    parser.add_argument("--token", help="the session's token (from POST /sessions)")
+    add_session_options(parser)
     parser.add_argument("--list", action="store_true", help="print the joysticks pygame sees and stop")
     parser.add_argument("--joystick", type=int, default=0, help="which joystick (default %(default)s)")
     for name, spec in DEFAULT_AXES.items():
@@ -170,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         found = list_joysticks()
         print("\n".join(found) if found else "no joystick found (is it plugged in, and may this user read /dev/input?)")
         return 0
-    if args.session and not args.token:
-        parser.error("--session needs the session's --token (it came with the session's id)")
+    check_session_options(parser, args)
     try:
         wheel = Wheel(*(Axis.parse(name, getattr(args, name)) for name in DEFAULT_AXES),
                       reverse_button=args.reverse_button, autopilot_button=args.autopilot_button)
@@ -180,13 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        if args.session:
-            client = SessionClient(args.url, args.session, args.token)
-            client.state()
-        else:
-            client = SessionClient.create(args.url)
-            print(f"session {client.id}  token {client.token}", file=sys.stderr)
-        print(f"video: {client.state()['streams']['mjpeg']}", file=sys.stderr)
+        client = open_session(args)
     except ApiError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -38,7 +38,6 @@ class PolylineLane(AbstractLane):
         d = np.diff(points, axis=0)  # (n-1, 2)
         self._seg_len = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-9)
         self._dir = d / self._seg_len[:, None]  # (n-1, 2) unit
-        self._normal = np.stack([-self._dir[:, 1], self._dir[:, 0]], axis=1)  # to the right in y-down
         self._s = np.concatenate([[0.0], np.cumsum(self._seg_len)])  # (n,) s at each point
         self.length = float(self._s[-1])
         self._headings = np.unwrap(np.asarray(headings, dtype=np.float64))

@@ -166,7 +166,6 @@ class OpenDriveMap:
             raise ValueError(f"{key}={path!r}: an OpenDRIVE map needs Carla's Python client, which builds the "
                              "map offline (no server): pip install carla") from None
         town = town_from_file(carla, path, key)
-        self.path = path
         # Lanes from the map's waypoints, every SAMPLE_M m, with each lane's exact start and end
         # from Carla's topology: (start of a lane, start of each lane it leads to), or (start,
         # end) for a lane that leads nowhere. Walking lanes with Carla's `next_until_lane_end` or
