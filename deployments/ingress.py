@@ -390,7 +390,7 @@ class Ingress:
                 after = frame.index
                 yield (
                     f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(frame.jpeg)}\r\n"
-                    f"X-Frame-Index: {frame.index}\r\nX-Sim-Time: {frame.sim_time:.3f}\r\n\r\n"
+                    f"X-Frame-Index: {frame.index}\r\nX-Sim-Time: {frame.sim_time:.3f}\r\nX-Control-Seq: {frame.control_seq}\r\n\r\n"
                 ).encode() + frame.jpeg + b"\r\n"
 
         return StreamingResponse(

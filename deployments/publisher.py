@@ -30,6 +30,7 @@ class JpegFrame:
     index: int  # the session's frame index (0 for the first frame out of its queue)
     sim_time: float  # s, the moment the frame shows
     jpeg: bytes
+    control_seq: int = 0  # the newest control the frame shows (GeneratedFrame.control_seq)
 
 
 class StreamClosed(Exception):
@@ -94,7 +95,7 @@ class SessionPublisher:
             for output in self.outputs.values():
                 output.submit(strip, sim_time)
             async with self._changed:
-                self.latest = JpegFrame(frame.index, sim_time, jpeg)
+                self.latest = JpegFrame(frame.index, sim_time, jpeg, frame.control_seq)
                 self._changed.notify_all()
 
     def _encode(self, frame: GeneratedFrame) -> tuple[np.ndarray, bytes]:

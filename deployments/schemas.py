@@ -87,6 +87,8 @@ class ControlState(BaseModel):
     reverse: bool
     hand_brake: bool
     autopilot: bool
+    seq: int = Field(description="sequence number of this control (1 for the session's first, 0 before any); "
+                                 "each video frame carries the newest one it shows (X-Control-Seq)")
 
 
 class VideoOutput(BaseModel):
@@ -106,6 +108,8 @@ class SessionStats(BaseModel):
     )
     queue_depth: int = Field(description="frames between a frame's conditions entering and its picture leaving")
     ego_speed: float = Field(description="m/s, signed (negative when reversing)")
+    lane_offset: float | None = Field(description="m from the centre of the ego's lane, positive to its left, of the "
+                                      "newest observation; null where the world cannot tell")
     sim_time: float = Field(description="s, simulation time of the newest observation")
     shown_sim_time: float | None = Field(description="s, simulation time of the newest generated frame")
     fps_condition: float | None = Field(
@@ -132,6 +136,7 @@ class SessionState(BaseModel):
     error: str | None = Field(description="why the session makes no frames now (the world or the denoiser cannot "
                               "be reached, e.g. while Serve restarts it), or null")
     ego: str = Field(description="the ego car's id in the world")
+    cameras: list[str] = Field(description="the rig's cameras, in the order of the views left to right in the video")
     created: float = Field(description="Unix time the session was created")
     options: dict
     control: ControlState

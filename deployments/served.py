@@ -91,6 +91,7 @@ class ServedSession:
             "progress": progress,
             "error": world_error or denoiser_error,
             "ego": self.session.ego_id,
+            "cameras": list(self.session.builder.rig.names),
             "created": self.created,
             "options": self.options,
             "control": self.session.control_state(),

@@ -42,6 +42,7 @@ class DrivingStats:
     fps: float  # frames out per second over the last `fps_window` s
     queue_depth: int  # frames between a frame's conditions entering and its picture leaving
     ego_speed: float  # m/s, signed (negative when reversing), of the newest observation
+    lane_offset: float | None  # m from its lane's centre, positive left, of the newest observation (None: unknown)
     sim_time: float  # s, of the newest observation (before the first: the world's)
     shown_sim_time: float | None  # s, the moment the newest frame out shows
     fps_condition: float | None  # the fps camera condition of the newest conditions pushed
@@ -175,8 +176,9 @@ class DrivingSession:
         return self.control_state()
 
     def control_state(self) -> dict:
-        """The sticky control's fields and the autopilot."""
-        return {**asdict(self.control), "autopilot": self.autopilot}
+        """The sticky control's fields, the autopilot, and `seq`: the sequence number of the
+        newest control (1 for the first, 0 before any); frames carry the one they show."""
+        return {**asdict(self.control), "autopilot": self.autopilot, "seq": self.controls_applied}
 
     # ------------------------------------------------------------------ frames
 
@@ -208,7 +210,7 @@ class DrivingSession:
             conditions, seen = self._queued.popleft()
             # Numbered by this session, not by its queue: a queue rebuilt elsewhere counts from 0.
             index = self.frames_out
-            frames.append(GeneratedFrame(picture.images, conditions, index, index + self.queue_depth + 1))
+            frames.append(GeneratedFrame(picture.images, conditions, index, index + self.queue_depth + 1, seen))
             self.frames_out += 1
             self.shown_sim_time = float(conditions.sim_time)
             self._out_times.append(now)
@@ -273,6 +275,7 @@ class DrivingSession:
             fps=self.fps(),
             queue_depth=self.queue_depth,
             ego_speed=obs.ego_speed if obs else 0.0,
+            lane_offset=obs.lane_offset if obs else None,
             sim_time=obs.sim_time if obs else world_time,
             shown_sim_time=self.shown_sim_time,
             # column 0 of the camera scalars (V, 11) is the fps the model is told

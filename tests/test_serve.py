@@ -28,9 +28,11 @@ import requests
 
 import deployments
 from dwm.client.api import ApiError, SessionClient
+from dwm.client.session import Session
 from dwm.client.wheel import DEFAULT_AXES, Axis, Wheel, drive
 from deployments.served import new_session_id
 from dwm.config import ConfigError
+from dwm.envs import DrivingEnv
 from dwm.session import DrivingSession
 from tests.waiting import eventually, free_port
 
@@ -556,6 +558,40 @@ def test_the_python_client_drives_a_session_and_reports_refusals(api):
     with pytest.raises(ApiError) as gone:
         client.state()
     assert gone.value.status == 404
+
+
+def test_a_program_drives_over_http_with_numbered_controls_and_frames_as_arrays(api):
+    with Session.over_http(api.base, {"seed": 4}) as session:
+        assert session.camera_names == ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"]
+        assert session.control(throttle=0.6) == 1
+        first = session.next_frame()
+        assert first.views.shape == (VIEWS, VIEW_H, VIEW_W, 3) and first.views.dtype == np.uint8
+        assert first.hdmap.shape == first.boxes.shape == (VIEWS, 176, MODEL_W, 3)
+        assert first.ego.lane_offset is not None and first.ego.sim_time >= first.sim_time
+        assert session.control(steer=-0.3) == 2
+        frames = [first]
+        while frames[-1].control_seq < 2:  # the MJPEG stream gives the newest frame each time
+            assert len(frames) < 40, "the control never showed"
+            frames.append(session.next_frame())
+        assert [f.index for f in frames] == sorted({f.index for f in frames})
+        assert [f.control_seq for f in frames] == sorted(f.control_seq for f in frames)
+        state = SessionClient(api.base, session.client.id, session.client.token).state()
+        assert state["control"]["seq"] == 2 and state["cameras"] == session.camera_names
+        with pytest.raises(ApiError, match="steer"):
+            session.control(steer=5)
+        client = session.client
+    with pytest.raises(ApiError) as ended:  # leaving the block ended the session
+        client.state()
+    assert ended.value.status == 404
+
+    env = DrivingEnv(api.base, [f"{k}={v}" for k, v in FAST.items()])
+    try:
+        obs, info = env.reset(seed=5)
+        assert env.observation_space.contains(obs), {k: (v.shape, v.dtype) for k, v in obs.items()}
+        obs, reward, terminated, truncated, info = env.step([0.5, 0.0, 0.0])
+        assert info["control_seq"] >= 0 and env.observation_space.contains(obs)
+    finally:
+        env.close()
 
 
 def test_a_new_session_tells_how_far_its_warm_up_is(api):

@@ -75,12 +75,13 @@ def drive(session, world, pipeline, clock: Clock, frames: int, every: float = 1.
 
 def test_controls_are_sticky_and_reach_the_ego(world, builder):
     session = DrivingSession.start(world, builder, queue_depth=2)
-    assert session.control_state() == {**vars(VehicleControl()), "autopilot": False}
+    assert session.control_state() == {**vars(VehicleControl()), "autopilot": False, "seq": 0}
 
-    session.apply_control(world, throttle=0.6)
+    assert session.apply_control(world, throttle=0.6)["seq"] == 1
     state = session.apply_control(world, steer=-0.4)
     # The second control keeps the first's throttle: controls hold until changed.
     assert state["throttle"] == 0.6 and state["steer"] == -0.4 and state["autopilot"] is False
+    assert state["seq"] == 2  # each control is numbered
     assert world.observe(session.ego_id).control == VehicleControl(throttle=0.6, steer=-0.4)
 
     # A value out of range is refused with its name, and changes nothing.
@@ -104,7 +105,7 @@ def test_autopilot_on_and_off_hands_the_car_over_with_its_last_control(world, bu
 
     state = session.apply_control(world, autopilot=False, steer=0.2)
     # Taking the car back starts from what the autopilot held, with the request on top.
-    assert state == {**vars(driven), "steer": 0.2, "autopilot": False}
+    assert state == {**vars(driven), "steer": 0.2, "autopilot": False, "seq": 1}
     observed = world.observe(session.ego_id)
     assert not observed.autopilot and observed.control == session.control
 
@@ -157,14 +158,16 @@ def test_a_control_shows_in_the_first_frame_observed_after_it(world, builder, pi
     pushed_before = session.frames_in
     clock.now += 0.25
     sent_at = clock.now
-    session.apply_control(world, brake=1.0)
+    seq = session.apply_control(world, brake=1.0)["seq"]
     while session.stats().control_latency_frames is None:
         assert session.frames_in < pushed_before + 10, "the control never showed"
         step()
 
     stats = session.stats()
-    # The frame that measured it shows the first conditions observed after the control ...
+    # The frame that measured it shows the first conditions observed after the control, and
+    # says so: it carries the control's sequence number, the frames before it the one before.
     assert frames[-1].index == pushed_before
+    assert frames[-1].control_seq == seq and all(f.control_seq == seq - 1 for f in frames[:-1])
     assert observed[pushed_before].control.brake == 1.0
     assert observed[pushed_before - 1].control.brake == 0.0
     # ... which leaves the queue depth + 1 frames after the control: its latency.

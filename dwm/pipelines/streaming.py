@@ -36,12 +36,15 @@ class GeneratedFrame:
     conditions: the frame's conditions (its `sim_time` is the time the frame shows).
     index: 0 for the first frame out of the queue, then 1, 2, ...
     pushed: conditions pushed so far when the frame left (index + queue depth + 1).
+    control_seq: the sequence number of the newest control the world held when the frame's
+        conditions were observed (a session's `controls_applied`; 0: none, or no session).
     """
 
     images: torch.Tensor
     conditions: ConditionFrame
     index: int
     pushed: int
+    control_seq: int = 0
 
 
 class ModelParts(NamedTuple):

@@ -217,6 +217,9 @@ class Observation:
     # Real camera pictures from the simulator, when the world renders them (Carla with
     # attach_cameras): rig camera name -> (H, W, 3) uint8 RGB at the rig's native size.
     camera_images: dict[str, np.ndarray] | None = None
+    # m from the centre line of the lane the ego is on, positive to its left (world frame);
+    # None where the world cannot tell. |lane_offset| beyond half a lane: off its lane.
+    lane_offset: float | None = None
 
 
 class World(ABC):

@@ -246,6 +246,7 @@ class EmbeddedWorld(World):
             environment=self.environment,
             control=self._effective_control(ego),
             autopilot=ego.autopilot,
+            lane_offset=self._lane_offset(ego.vehicle),
         )
 
     def close(self) -> None:
@@ -265,6 +266,13 @@ class EmbeddedWorld(World):
     def _ego_positions(self) -> np.ndarray:
         """(E, 2) highway-env positions of the egos' vehicles, m (copies)."""
         return np.array([e.vehicle.position for e in self._egos.values()]).reshape(-1, 2)
+
+    @staticmethod
+    def _lane_offset(v: Vehicle) -> float:
+        """m from the centre of the lane highway-env puts `v` on (the nearest), positive left.
+        highway-env's lateral axis points right of the lane's direction in the world frame
+        (its y is the world's -y), hence the sign."""
+        return 0.0 - float(v.lane.local_coordinates(v.position)[1])  # never -0.0
 
     def _effective_control(self, ego: _Ego) -> VehicleControl:
         if not ego.autopilot:
