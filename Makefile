@@ -39,6 +39,7 @@ bench: setup
 	$(PY) -m bench.bench_conditions
 	$(PY) -m bench.bench_loop
 	$(PY) -m bench.bench_serve
+	$(PY) -m bench.bench_latency
 	$(PY) -m bench.bench_model
 	$(PY) -m bench.bench_pool
 	$(PY) -m bench.bench_carla

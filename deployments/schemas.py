@@ -128,6 +128,13 @@ class SessionStats(BaseModel):
     recording: VideoOutput | None = Field(description="the MP4 recording ({\"record\": true}), or null")
 
 
+class ModelInfo(BaseModel):
+    name: str = Field(description="the model config (model=...)")
+    random_weights: bool = Field(description="seeded random weights: the pictures are noise, the layout drawn "
+                                 "over them is what the session shows")
+    checkpoint: str | None = Field(description="the checkpoint file's name, or null")
+
+
 class SessionState(BaseModel):
     id: str
     state: Literal["warming", "running", "world unavailable", "denoiser unavailable"]
@@ -136,6 +143,7 @@ class SessionState(BaseModel):
     error: str | None = Field(description="why the session makes no frames now (the world or the denoiser cannot "
                               "be reached, e.g. while Serve restarts it), or null")
     ego: str = Field(description="the ego car's id in the world")
+    model: ModelInfo
     cameras: list[str] = Field(description="the rig's cameras, in the order of the views left to right in the video")
     created: float = Field(description="Unix time the session was created")
     options: dict

@@ -44,8 +44,10 @@ class ServedSession:
         publisher: SessionPublisher,
         options: dict,
         rtsp_url: str | None,
+        model: dict | None = None,
     ):
         self.id, self.token, self.session = session_id, token, session
+        self.model = model or {}  # `dwm.models.checkpoint.weights_summary`
         self.publisher, self.options, self.rtsp_url = publisher, options, rtsp_url
         self.watch = secrets.token_urlsafe(18)  # the viewer token of the session's own stream URLs
         self.view_tokens: set[str] = {self.watch}
@@ -92,6 +94,7 @@ class ServedSession:
             "error": world_error or denoiser_error,
             "ego": self.session.ego_id,
             "cameras": list(self.session.builder.rig.names),
+            "model": self.model,
             "created": self.created,
             "options": self.options,
             "control": self.session.control_state(),

@@ -33,6 +33,7 @@ from deployments.served import (
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.frame import ConditionFrame
 from dwm.conditions.packed import PackedConditions
+from dwm.models.checkpoint import weights_summary
 from dwm.session import DrivingSession
 from dwm.pipelines.decode import to_uint8_views
 from dwm.video.compose import compose_strip
@@ -56,6 +57,7 @@ class SessionManager:
         self.cfg: DictConfig = OmegaConf.create(cfg)
         self.world, self.denoiser = world, denoiser
         self.sessions: dict[str, ServedSession] = {}
+        self.model = weights_summary(self.cfg)
         # Sessions are private: seeing one takes its driver's or a viewer's token, unless this
         # says anyone may (a local demo).
         self.public_viewing = bool(self.cfg.serve.get("public_viewing", False))
@@ -314,7 +316,7 @@ class SessionManager:
             session_id, token, session, publisher,
             options={"autopilot": autopilot, "overlay": overlay, "record": record_path is not None,
                      "seed": options.get("seed")},
-            rtsp_url=rtsp_url,
+            rtsp_url=rtsp_url, model=self.model,
         )
         self.sessions[session_id] = served
         self._wake.set()

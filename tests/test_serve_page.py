@@ -81,8 +81,8 @@ def server_state(base: str, session_id: str, token: str) -> dict:
 class Tab:
     """One page of the app in the browser, recording the script errors it raises."""
 
-    def __init__(self, browser, base: str):
-        self.context = browser.new_context(viewport={"width": 1100, "height": 800})
+    def __init__(self, browser, base: str, **context):
+        self.context = browser.new_context(**{"viewport": {"width": 1100, "height": 800}, **context})
         self.page = self.context.new_page()
         self.page.set_default_timeout(WAIT_S * 1000)
         self.errors: list[str] = []
@@ -245,3 +245,50 @@ def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, br
     assert page.is_enabled("#start") and page.is_disabled("#stop")
     assert tab.text("#session") == "" and tab.text("#error") == ""
     assert tab.errors == [], tab.errors
+
+
+def test_on_a_phone_the_page_fits_says_what_it_shows_and_drives_by_touch(browser, base):
+    # A phone-sized touch screen (iPhone 12/13/14's CSS viewport).
+    tab = Tab(browser, base, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+              device_scale_factor=3)
+    page = tab.page
+    try:
+        # Before any session: words where the video will be, never a broken image.
+        assert page.is_visible("#placeholder") and "Start a session" in tab.text("#placeholder")
+        assert page.is_hidden("#video") and tab.attr("#video", "src") is None
+        page.tap("#start")
+        page.wait_for_function("() => session !== null")
+        token, session_id = page.evaluate("() => [session.token, session.id]")
+
+        # Until the first picture the queue's warm-up shows; then the video, under its cameras' names.
+        tab.wait_stat("frames", 0, "the first frames")
+        page.wait_for_selector("#video", state="visible")
+        assert page.is_hidden("#placeholder") and page.is_hidden("#warmup")
+        cameras = page.eval_on_selector_all("#cameras span", "spans => spans.map(s => s.textContent)")
+        assert cameras == server_state(base, session_id, token)["cameras"] == ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"]
+        # The tiny model has random weights: the page says so, so noise is not taken for a fault.
+        assert "random weights" in tab.text("#model") and "tiny" in tab.text("#model")
+        # It fits the screen: nothing to scroll sideways, the video as wide as the page allows.
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+        box = page.locator("#video").bounding_box()
+        assert box is not None and 300 < box["width"] <= 390
+
+        # Touch and hold W: throttle while held, none once let go.
+        page.dispatch_event("#key-w", "pointerdown", {"pointerType": "touch", "isPrimary": True})
+        assert tab.has_class("#key-w", "on")
+        eventually(lambda: server_state(base, session_id, token)["control"]["throttle"] > 0, "a held W to throttle")
+        page.dispatch_event("#key-w", "pointerup", {"pointerType": "touch", "isPrimary": True})
+        eventually(lambda: server_state(base, session_id, token)["control"]["throttle"] == 0.0, "letting go of W")
+        page.dispatch_event("#key-e", "pointerdown", {"pointerType": "touch", "isPrimary": True})  # a toggle
+        eventually(lambda: server_state(base, session_id, token)["control"]["autopilot"] is True, "E to engage autopilot")
+
+        page.tap("#stop")
+        eventually(lambda: sessions(base, token) == [], "the session to end")
+        page.wait_for_selector("#placeholder", state="visible")
+        assert page.is_hidden("#video") and tab.text("#model") == "" and tab.text("#cameras") == ""
+        assert tab.errors == [], tab.errors
+    finally:
+        left = page.evaluate("() => session && [session.id, session.token]")
+        tab.close()
+        if left:
+            requests.delete(f"{base}/sessions/{left[0]}", headers={"Authorization": f"Bearer {left[1]}"}, timeout=60)

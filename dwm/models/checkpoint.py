@@ -124,6 +124,15 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
         torch.save(state, path)
 
 
+def weights_summary(cfg: DictConfig) -> dict:
+    """What a user is shown about the model: {"name", "random_weights", "checkpoint" (the
+    file's name, or None)}. Random weights make noise: a viewer must be told, not left to take
+    it for a fault."""
+    checkpoint = OmegaConf.select(cfg.model, "checkpoint")
+    return {"name": str(cfg.model.name), "random_weights": not checkpoint,
+            "checkpoint": Path(str(checkpoint)).name if checkpoint else None}
+
+
 def check_weights(cfg: DictConfig) -> None:
     """Fail early, naming the key, when the files `cfg.model` needs are not set or not there
     (the checkpoint, and the SD3.5 folder where the model reads one); reads nothing."""
