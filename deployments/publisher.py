@@ -140,6 +140,10 @@ class SessionPublisher:
         for output in self.outputs.values():
             output.close()
 
+    def backlog(self) -> int:
+        """Frames waiting for the H.264 encoders (the most behind of RTSP and recording)."""
+        return max((output.pending for output in self.outputs.values()), default=0)
+
     def output_stats(self, kind: str) -> dict | None:
         """{published, dropped, error, reconnects} of the "rtsp" or "recording" output; None without one.
         Frames skipped before encoding (see `offer`) count as dropped."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -26,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
 
+from deployments import metrics
 from deployments.stages import DenoiserPool
 from dwm.conditions.packed import PackedConditions
 from dwm.pipelines.cfg_parallel import RowParallelDenoiser, join_group
@@ -132,6 +134,10 @@ class QueueServer:
         # Serve runs sync methods on a thread pool; the model and the queues are used by one
         # call at a time.
         self._lock = threading.Lock()
+        # Model calls per round: each shift advances every frame s = N / (B * T) steps, one call
+        # each, for the B windows at once (batch_bands) or one call per window.
+        p = self.cfg.pipeline
+        self._calls_per_round = p.steps // (p.window * p.bands) * (1 if p.batch_bands else p.bands)
 
     def open(self, session_id: str, views: int, seed: int | None = None) -> int:
         """A new, empty queue for a session; returns its depth (frames from conditions in to picture out - 1)."""
@@ -160,18 +166,27 @@ class QueueServer:
         (without their conditions: the caller has them). A session without a queue here is
         named in `unknown` (this replica is a restarted one) and its frame dropped."""
         with self._lock:
-            held = set(self.sessions())
-            unknown = [sid for sid in frames if sid not in held]
-            frames = {sid: c for sid, c in frames.items() if sid in held}
-            if self.pool:
-                images, restarted = self.pool.push_many(frames)
-                return DenoisedRound(
-                    {sid: [GeneratedImages(i, im) for i, im in out] for sid, out in images.items()}, restarted, unknown
-                )
-            partner = self.partner.push_many.remote(frames) if self.partner else None
-            images = self.queues.push_many(frames)  # with the partner's half of every call
-            if partner is not None:
-                ray.get(partner)
+            started = time.perf_counter()
+            try:
+                return self._push_many(frames)
+            finally:
+                took = time.perf_counter() - started
+                metrics.denoise_seconds().observe(took)
+                metrics.model_call_seconds().set(took / self._calls_per_round)
+
+    def _push_many(self, frames: dict[str, PackedConditions]) -> DenoisedRound:
+        held = set(self.sessions())
+        unknown = [sid for sid in frames if sid not in held]
+        frames = {sid: c for sid, c in frames.items() if sid in held}
+        if self.pool:
+            images, restarted = self.pool.push_many(frames)
+            return DenoisedRound(
+                {sid: [GeneratedImages(i, im) for i, im in out] for sid, out in images.items()}, restarted, unknown
+            )
+        partner = self.partner.push_many.remote(frames) if self.partner else None
+        images = self.queues.push_many(frames)  # with the partner's half of every call
+        if partner is not None:
+            ray.get(partner)
         return DenoisedRound(images, unknown=unknown)
 
     def placement(self) -> dict:

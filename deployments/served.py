@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from ray.exceptions import RayActorError
 
+from deployments import metrics
 from deployments.publisher import SessionPublisher
 from dwm.session import DrivingSession
 from dwm.world.base import UnknownEgoError, WorldUnavailableError
@@ -51,6 +52,7 @@ class ServedSession:
         self.publisher, self.options, self.rtsp_url = publisher, options, rtsp_url
         self.watch = secrets.token_urlsafe(18)  # the viewer token of the session's own stream URLs
         self.view_tokens: set[str] = {self.watch}
+        self._reported = (0, None)  # frames out, control latency: as last reported to the metrics
         self.created = time.time()
         self.control_lock = asyncio.Lock()  # one control merge at a time
 
@@ -108,6 +110,21 @@ class ServedSession:
                 "recording": self.publisher.output_stats("recording"),
             },
         }
+
+    def report_metrics(self) -> None:
+        """Hand the session's news since the last call to the app's metrics (`deployments.metrics`)."""
+        stats, tags = self.session.stats(), {"session": self.id}
+        frames, latency = self._reported
+        if stats.frames_out > frames:
+            metrics.frames_out().inc(stats.frames_out - frames, tags=tags)
+        metrics.frames_skipped().set(self.publisher.skipped, tags=tags)
+        measured = (stats.control_latency_frames, stats.control_latency_s)
+        if stats.control_latency_s is not None and measured != latency:  # a control has just been shown
+            metrics.control_latency().observe(stats.control_latency_s)
+        self._reported = (stats.frames_out, measured)
+        metrics.session_fps().set(stats.fps, tags=tags)
+        metrics.queue_depth().set(stats.queue_depth, tags=tags)
+        metrics.encoder_backlog().set(self.publisher.backlog(), tags=tags)
 
 
 def world_unavailable(err: BaseException) -> WorldUnavailableError | None:

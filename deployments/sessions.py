@@ -16,12 +16,14 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import metrics
 from deployments.errors import (
     InvalidRequest, MissingToken, NotOffered, SessionLimit, SessionNotFound, WorldGone, WrongToken, refusals,
 )
@@ -124,6 +126,7 @@ class SessionManager:
         """Observe, build and hand over one round. Pipelined: the model works on the previous
         round's conditions while this one observes and builds; a session's pushes stay in order
         (one push in flight at a time)."""
+        started = time.perf_counter()
         sessions = {s.id: s.session for s in served}
         seen = {key: session.controls_applied for key, session in sessions.items()}  # before observing
         observed = await self.world.observe_many.remote([session.ego_id for session in sessions.values()])
@@ -146,6 +149,8 @@ class SessionManager:
         else:
             self._sampled = max(o.sim_time for o in observed.values())
         self.rounds += 1
+        metrics.round_seconds().observe(time.perf_counter() - started)
+        metrics.sessions().set(len(self.sessions))
 
     async def _round_failed(self, err: Exception, what: str) -> None:
         """A world that cannot be reached (a Carla server gone) is news for every session, not
@@ -217,6 +222,7 @@ class SessionManager:
                 s.session.queue_rebuilt(lost)
             for frame in s.session.delivered(result.images.get(s.id, [])):
                 s.publisher.offer(frame)
+            s.report_metrics()
 
     async def _reopen(self, lost: list[ServedSession]) -> None:
         """The QueueServer was restarted (its replica died) and holds no queue for these

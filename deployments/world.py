@@ -9,10 +9,12 @@ still ticks them all at once.
 from __future__ import annotations
 
 import threading
+import time
 
 from omegaconf import OmegaConf
 from ray import serve
 
+from deployments import metrics
 from dwm.config import instantiate
 from dwm.world.base import Observation, UnknownEgoError, VehicleControl, World
 
@@ -94,7 +96,10 @@ class WorldActor:
     def tick(self) -> float:
         """Tick every world once; returns the newest simulation time (s)."""
         with self._lock:
-            return max((world.tick() for world in self._worlds()), default=self._sim_time())
+            started = time.perf_counter()
+            now = max((world.tick() for world in self._worlds()), default=self._sim_time())
+            metrics.world_tick_seconds().observe(time.perf_counter() - started)
+            return now
 
     def dt(self) -> float:
         """s of simulation time per tick."""

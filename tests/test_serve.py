@@ -12,6 +12,7 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import pytest
 import requests
 
 import deployments
+import ray
+from deployments import metrics as app_metrics
 from dwm.client.api import ApiError, SessionClient
 from dwm.client.session import Session
 from dwm.client.wheel import DEFAULT_AXES, Axis, Wheel, drive
@@ -592,6 +595,36 @@ def test_a_program_drives_over_http_with_numbered_controls_and_frames_as_arrays(
         assert info["control_seq"] >= 0 and env.observation_space.contains(obs)
     finally:
         env.close()
+
+
+def exported_metrics(url: str) -> set[str]:
+    """Names of the metric series in a Prometheus text export (histograms' _bucket/_sum/_count included)."""
+    names = set()
+    for line in requests.get(url, timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_the_grafana_dashboard_draws_metrics_the_app_exports(api):
+    dashboard = json.loads((ROOT / "deployments" / "grafana_dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {name for e in exprs for name in re.findall(r"\bray_dwm_\w+", e)}
+    # Every metric of the app is on the dashboard.
+    defined = {f"ray_{m().info['name']}" for m in vars(app_metrics).values()
+               if callable(m) and getattr(m, "__module__", "") == app_metrics.__name__ and m.__name__ != "cache"}
+    assert {q.removesuffix("_bucket").removesuffix("_total") for q in queried} == defined
+
+    # A session driven with a control, until that control shows: every series the dashboard
+    # queries is in Ray's metrics export (this node's metrics_export_port).
+    session = api.create()
+    api.wait_frames_out(session["id"], 1)
+    assert api.control(session["id"], steer=0.2).status_code == 200
+    eventually(lambda: api.state(session["id"])["stats"]["control_latency_s"] is not None, "the control to show")
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    eventually(lambda: queried <= exported_metrics(f"http://127.0.0.1:{port}/metrics"),
+               "every metric the dashboard draws in Ray's export")
+    api.delete(session["id"])
 
 
 def test_a_new_session_tells_how_far_its_warm_up_is(api):

@@ -29,7 +29,7 @@ import random
 import weakref
 from collections.abc import Mapping
 
-from dwm.world.base import Observation, UnknownEgoError, VehicleControl, World, WorldUnavailableError
+from dwm.world.base import Observation, UnknownEgoError, VehicleControl, World
 from dwm.world.carla_client import Backoff, CarlaConnection, ServerLink, import_carla, quietly, server_address
 from dwm.world.carla_heroes import Hero, HeroSpawner, carla_control, our_control
 from dwm.world.carla_pose import world_from_carla_vehicle
