@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY_TABLE = ROOT.parent / "shared" / "reference" / "ctsd_35_xs_state_dict.tsv"
 TINY = ["model.denoiser.num_layers=2", "model.denoiser.num_attention_heads=2", "model.denoiser.attention_head_dim=16",
         "model.denoiser.adapter_layers=2", "model.denoiser.camera_frequencies=32", "model.denoiser.pos_embed_max_size=64",
-        "pipeline.steps=12", "pipeline.window=3"]  # and a shorter queue (s = 4 as the reference's)
+        "pipeline.steps=12", "pipeline.window=3",  # and a shorter queue (s = 4 as the reference's)
+        "pipeline.resolution=[96,160]", "pipeline.output_size=[96,160]"]  # and smaller views (latents 12 x 20)
 CPU = ["model.dtype=float32", "model.text_encoder.dtype=float32"]  # half precision is emulated on most CPUs
 
 
