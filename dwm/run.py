@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 
+from tqdm import tqdm
+
 from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, condition_fps, instantiate
 from dwm.pipelines.streaming import GeneratedFrame, StreamingPipeline
@@ -23,40 +25,31 @@ from dwm.video.encoder import StreamConnectionError, VideoEncoder, session_rtsp_
 
 
 class Progress:
-    """One status line: the warm-up's frames, then the frames out."""
+    """The run's progress on stderr, as tqdm bars: the queue's warm-up, then the frames out
+    (with the simulation time and the ego's speed). Piped to a file, a line every few seconds."""
 
-    def __init__(self, frames: int, stream=sys.stderr):
+    def __init__(self, frames: int, depth: int, stream=sys.stderr):
         self.frames, self.stream = frames, stream
-        self.tty = stream.isatty()
         self.started = time.perf_counter()
-        self._last_line = 0.0
+        tty = stream.isatty()
+        self._bar_options = {"file": stream, "unit": "frame", "mininterval": 0.1 if tty else 2.0, "ascii": not tty}
+        self._warm = tqdm(total=depth + 1, desc="warming up the queue", leave=False, **self._bar_options)
+        self._frames: tqdm | None = None
 
-    def show(self, text: str, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self.tty:
-            self.stream.write(f"\r\033[K{text}")
-            self.stream.flush()
-        elif force or now - self._last_line >= 2.0:  # a log, not a flood, when piped
-            self.stream.write(text + "\n")
-            self._last_line = now
-
-    def warming(self, frames_in: int, depth: int) -> None:
-        self.show(f"warming up the queue: frame {frames_in}/{depth + 1} in, the first out after {depth + 1}")
+    def warming(self) -> None:
+        self._warm.update(1)
 
     def frame(self, frame: GeneratedFrame, speed: float) -> None:
-        n = frame.index + 1
-        if n == 1:
-            self.first = time.perf_counter()
-        rate = (n - 1) / max(time.perf_counter() - self.first, 1e-9)
-        self.show(
-            f"frame {n}/{self.frames}  sim {frame.conditions.sim_time:6.1f} s  "
-            f"ego {speed * 3.6:5.1f} km/h  {rate:4.1f} frames/s",
-            force=n == self.frames,
-        )
+        if self._frames is None:
+            self._warm.close()
+            self._frames = tqdm(total=self.frames, desc="frames", **self._bar_options)
+        self._frames.set_postfix_str(f"sim {frame.conditions.sim_time:.1f} s, ego {speed * 3.6:.0f} km/h", refresh=False)
+        self._frames.update(1)
 
     def done(self, path: str | None) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        self._warm.close()
+        if self._frames is not None:
+            self._frames.close()
         took = time.perf_counter() - self.started
         where = f" -> {path}" if path else ""
         self.stream.write(f"{self.frames} frames in {took:.1f} s{where}\n")
@@ -79,12 +72,12 @@ def run(overrides: list[str]) -> int:
     rtsp = session_rtsp_url(cfg.stream.rtsp.url, "run") if cfg.stream.rtsp.url else None
     if cfg.out is None and rtsp is None:
         raise ConfigError("nothing to write: set out=FILE.mp4 and/or stream.rtsp.url=rtsp://HOST:PORT/PATH")
-    progress = Progress(int(cfg.frames))
+    progress = Progress(int(cfg.frames), session.queue_depth)
     with VideoEncoder.from_config(cfg.stream, cfg.out, rtsp, fps=fps) as publisher:
         written = 0
         while written < cfg.frames:
             if pipeline.warming:
-                progress.warming(session.frames_in + 1, session.queue_depth)
+                progress.warming()
             for frame in session.step(world, pipeline):
                 layout = frame.conditions.layout if cfg.stream.overlay else None
                 publisher.publish(compose_strip(frame.images, layout), frame.conditions.sim_time)

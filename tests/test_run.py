@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,11 +153,13 @@ def test_run_stopped_with_sigterm_keeps_the_video(tmp_path):
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     try:
-        # Progress lines: a "frame" line is printed once its frame has gone to the video, so
-        # from the first one on the run is stopped with frames written and more to come.
-        for line in proc.stderr:
-            if line.startswith("frame "):
-                break
+        # The frames bar counts a frame once it has gone to the video, so from a count of 1
+        # on the run is stopped with frames written and more to come.
+        shown = ""
+        while not re.search(r"frames:[^\r\n]*\| *[1-9]\d*/100000", shown):
+            chunk = proc.stderr.read(1)
+            assert chunk, f"the run ended before a frame was counted: {shown[-2000:]}"
+            shown += chunk
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[1]
     finally:
