@@ -292,3 +292,47 @@ def test_on_a_phone_the_page_fits_says_what_it_shows_and_drives_by_touch(browser
         tab.close()
         if left:
             requests.delete(f"{base}/sessions/{left[0]}", headers={"Authorization": f"Bearer {left[1]}"}, timeout=60)
+
+
+def test_a_session_started_elsewhere_is_watched_with_a_viewer_token_and_driven_with_the_drivers(tab, base):
+    page = tab.page
+    created = requests.post(f"{base}/sessions", json={}, timeout=60).json()
+    sid, driver = created["id"], created["token"]
+    auth = {"Authorization": f"Bearer {driver}"}
+    try:
+        viewer = requests.post(f"{base}/sessions/{sid}/share", headers=auth, timeout=30).json()["token"]
+
+        # Watching: the video and the stats of that session, and the keys drive nothing.
+        page.fill("#join-id", sid)
+        page.fill("#join-token", viewer)
+        page.click("#watch")
+        page.wait_for_function("() => document.getElementById('session').textContent.includes('watching session')")
+        assert viewer in (tab.attr("#video", "src") or "") and driver not in (tab.attr("#video", "src") or "")
+        tab.wait_stat("frames", 0, "the watched session's frames")
+        page.wait_for_selector("#video", state="visible")
+        page.keyboard.down("w")
+        page.keyboard.up("w")
+        page.click("#stop")  # leaving a watched session does not end it
+        page.wait_for_function("() => document.getElementById('stats').textContent.trim() === 'no session'")
+        state = server_state(base, sid, driver)
+        assert state["control"]["seq"] == 0 and state["control"]["throttle"] == 0.0  # no control was sent
+
+        # Driving it with the driver's token: a held W throttles it; leaving keeps it running.
+        page.fill("#join-token", driver)
+        page.click("#drive")
+        page.wait_for_function("() => document.getElementById('session').textContent.includes('driving session')")
+        page.keyboard.down("w")
+        eventually(lambda: server_state(base, sid, driver)["control"]["throttle"] > 0, "the held W to throttle")
+        page.keyboard.up("w")
+        page.click("#stop")
+        page.wait_for_function("() => document.getElementById('stats').textContent.trim() === 'no session'")
+        assert [s["id"] for s in sessions(base, driver)] == [sid]
+
+        # A wrong token is refused on the page, with the server's reason.
+        page.fill("#join-token", "not-a-token")
+        page.click("#watch")
+        page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
+        assert tab.text("#session") == ""
+        assert tab.errors == [], tab.errors
+    finally:
+        requests.delete(f"{base}/sessions/{sid}", headers=auth, timeout=60)
