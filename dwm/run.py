@@ -10,6 +10,7 @@ drives on autopilot. The video goes to `out` (MP4) and, when `stream.rtsp.url` i
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import time
@@ -95,6 +96,8 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The library's own news (e.g. compiling the model) on stderr, beside the progress bars.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     # SIGTERM ends the run like Ctrl-C: the video written so far is finished, not lost.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -8,6 +8,7 @@ files are read with `weights_only=True` (no code runs from the file) and memory-
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,15 @@ def compare(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]
     )
 
 
+def progress(items: list, what: str):
+    """`items`, with a progress bar on stderr (tqdm): a line now and then in a log, live on a
+    terminal. Loading the released checkpoint (about 2 B parameters) takes a while."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(items, desc=what, unit="tensor", mininterval=0.1 if tty else 10.0, ascii=not tty)
+
+
 def read_state_dict(path: str | Path, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:
     """A flat state dict from a .pth/.pt (weights_only) or .safetensors file, on the CPU.
     key: the config key that named the file, for the messages."""
@@ -74,10 +84,11 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint") -> dict[str
         raise CheckpointError(f"{key}={path}: no such file")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            state = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                state = {k: f.get_tensor(k) for k in progress(list(f.keys()), f"reading {path.name}")}
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{key}={path}: not a readable safetensors file ({err})") from None
     elif suffix in TORCH_SUFFIXES:
@@ -105,8 +116,9 @@ def load_checkpoint(
     report = compare(model_shapes(model), state)
     if not report.ok:
         raise CheckpointError(f"{key}={path} does not fit the model ({type(model).__name__}):\n{report}")
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if dtype is not None:  # (a .pth is memory-mapped: this is where it is read)
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in progress(list(state.items()), f"loading {Path(path).name} as {dtype}")}
     on_meta = any(t.is_meta for t in model.state_dict().values())
     model.load_state_dict(state, strict=True, assign=on_meta)
     return report

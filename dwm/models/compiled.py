@@ -17,6 +17,7 @@ flat in the rows at small batches, little; it is why this is off in eager mode.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from dwm.models.base import FrameContext
 
+log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # windows per call: 1, 2, 4, 8 sessions with guidance on, 1..32 with B=2
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -68,6 +70,9 @@ def compile_denoiser(denoiser: nn.Module, mode: str = "default", backend: str = 
     if mode not in MODES:
         raise ValueError(f"model.compile_mode={mode}: allowed {', '.join(MODES)}")
     regions = getattr(denoiser, "regions", None)
+    log.info("compiling the denoiser (torch.compile %s, backend %s): the first call of each of %d batch "
+             "sizes (%s windows) compiles, seconds to minutes each", mode, backend, len(BUCKETS),
+             ", ".join(map(str, BUCKETS)))
     # Each kind of block gets one compiled graph per bucket (and per code path of its class):
     # leave room for all of them before torch falls back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(BUCKETS))
