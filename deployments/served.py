@@ -126,6 +126,12 @@ class ServedSession:
         metrics.queue_depth().set(stats.queue_depth, tags=tags)
         metrics.encoder_backlog().set(self.publisher.backlog(), tags=tags)
 
+    def ended_metrics(self) -> None:
+        """The session has ended: its gauges fall to 0 (Ray keeps a series' last value)."""
+        tags = {"session": self.id}
+        for gauge in (metrics.session_fps, metrics.queue_depth, metrics.encoder_backlog):
+            gauge().set(0, tags=tags)
+
 
 def world_unavailable(err: BaseException) -> WorldUnavailableError | None:
     """The WorldUnavailableError behind an error from the World actor (Ray wraps it), if any."""

@@ -325,6 +325,7 @@ class SessionManager:
             rtsp_url=rtsp_url, model=self.model,
         )
         self.sessions[session_id] = served
+        metrics.sessions().set(len(self.sessions))
         self._wake.set()
         log.info("driving session %s started (ego %s)", session_id, ego_id)
         return {"id": session_id, "token": token, "streams": served.streams(served.watch)}
@@ -459,6 +460,8 @@ class SessionManager:
 
     async def _release(self, served: ServedSession) -> None:
         """Give back the session's ego, queue state and stream (each even if another fails)."""
+        metrics.sessions().set(len(self.sessions))
+        served.ended_metrics()
         for step in (
             served.publisher.close(),
             self.denoiser.close.remote(served.id),
