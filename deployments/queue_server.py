@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray import serve
 
 from deployments import metrics
-from deployments.stages import DenoiserPool
+from deployments.stages import DenoiserPool, queue_schedule
 from dwm.conditions.packed import PackedConditions
 from dwm.pipelines.cfg_parallel import RowParallelDenoiser, join_group
 from dwm.pipelines.streaming import StreamingPipeline, push_many
@@ -134,10 +134,10 @@ class QueueServer:
         # Serve runs sync methods on a thread pool; the model and the queues are used by one
         # call at a time.
         self._lock = threading.Lock()
-        # Model calls per round: each shift advances every frame s = N / (B * T) steps, one call
-        # each, for the B windows at once (batch_bands) or one call per window.
-        p = self.cfg.pipeline
-        self._calls_per_round = p.steps // (p.window * p.bands) * (1 if p.batch_bands else p.bands)
+        # Model calls per round: s steps per shift, one call each for the B windows at once
+        # (batch_bands) or one per window.
+        schedule = queue_schedule(self.cfg)
+        self._calls_per_round = schedule.steps_per_shift * (1 if self.cfg.pipeline.batch_bands else schedule.bands)
 
     def open(self, session_id: str, views: int, seed: int | None = None) -> int:
         """A new, empty queue for a session; returns its depth (frames from conditions in to picture out - 1)."""

@@ -103,12 +103,13 @@ class Session(ABC):
         self.close()
 
 
-def layout_images(layout) -> tuple[np.ndarray, np.ndarray]:
-    """ConditionFrame.layout (V, 6, H, W) float in [0, 1] (box channels, then map channels)
-    -> (hdmap, boxes), each (V, H, W, 3) uint8 RGB."""
-    rgb = (np.asarray(layout, dtype=np.float32).clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    rgb = rgb.transpose(0, 2, 3, 1)  # (V, H, W, 6)
-    return np.ascontiguousarray(rgb[..., 3:]), np.ascontiguousarray(rgb[..., :3])
+def layout_images(conditions) -> tuple[np.ndarray, np.ndarray]:
+    """A ConditionFrame's (hdmap, boxes) images, each (V, H, W, 3) uint8 RGB at the model
+    resolution, converted as the app's layout.png converts them."""
+    from dwm.pipelines.decode import to_uint8_views
+
+    return tuple(to_uint8_views(images, images.shape[-2:]).numpy()
+                 for images in (conditions.map_images, conditions.box_images))
 
 
 class LocalSession(Session):
@@ -156,7 +157,7 @@ class LocalSession(Session):
         hdmap = boxes = ego = None
         if self.layout:
             newest = self.session.last_observation
-            hdmap, boxes = layout_images(self.session.last_conditions.layout)
+            hdmap, boxes = layout_images(self.session.last_conditions)
             ego = EgoState(float(newest.ego_speed), newest.lane_offset, float(newest.sim_time))
         return Frame(generated.index, float(generated.conditions.sim_time), generated.control_seq, views,
                      hdmap, boxes, ego)
