@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw
 
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.colours import BOX_COLOURS, MAP_COLOURS
-from dwm.conditions.projection import BOX_EDGES, box_corners
-from dwm.conditions.raster import resize_layouts
+from dwm.geometry.projection import BOX_EDGES, box_corners
+from dwm.conditions.builder import resize_layouts
 from dwm.world.base import Boxes, MapKind, MapLines, Observation, Weather
 
 CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"

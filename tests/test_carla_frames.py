@@ -20,7 +20,7 @@ from dwm.world.carla_pose import (  # noqa: E402
     from_carla_yaw,
     world_from_carla_vehicle,
 )
-from dwm.conditions.rig import CameraRig  # noqa: E402
+from dwm.world.rig import CameraRig  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 POSES = [((10.0, -4.0, 0.5), (0.0, 0.0, 0.0)), ((3.0, 7.0, 1.0), (0.0, 90.0, 0.0)),

@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 from dwm.conditions.builder import ConditionBuilder
 from dwm.conditions.caption import caption, time_of_day, weather_words
 from dwm.world.carla_pose import carla_transform_matrix, world_from_carla_vehicle
-from dwm.conditions.frame import CAMERA_PARAM_NAMES
-from dwm.conditions.projection import BOX_EDGES, box_corners, clip_segments, project_segments
-from dwm.conditions.raster import resize_layouts
-from dwm.conditions.rig import CameraRig
+from dwm.world.rig import CAMERA_PARAM_NAMES
+from dwm.geometry.projection import BOX_EDGES, box_corners, clip_segments, project_segments
+from dwm.conditions.builder import resize_layouts
+from dwm.world.rig import CameraRig
 from dwm.world.base import Boxes, MapKind, MapLines, Observation, Weather
 
 CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"

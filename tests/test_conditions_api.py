@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from dwm.conditions import Boxes, CameraRig, ConditionBuilder, Layout, MapKind, MapLines
 from dwm.conditions.colours import BOX_COLOURS, MAP_COLOURS
-from dwm.conditions.projection import box_corners
+from dwm.geometry.projection import box_corners
 
 CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
 BLUE, YELLOW, GREEN, RED = (0, 0, 255), (255, 255, 0), (0, 255, 0), (255, 0, 0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dwm.conditions.raster import PEN_WIDTH, draw_lines
+from dwm.geometry.raster import PEN_WIDTH, draw_lines
 
 # Box colours of the reference (RGB), one per rank in the random scenes.
 COLOURS = np.array(

@@ -8,8 +8,8 @@ takes.
 """
 
 from dwm.conditions.builder import ConditionBuilder, Layout
-from dwm.conditions.frame import CAMERA_PARAM_NAMES, ConditionFrame
-from dwm.conditions.rig import CameraRig
+from dwm.conditions.frame import ConditionFrame
+from dwm.world.rig import CAMERA_PARAM_NAMES, CameraRig
 from dwm.world.base import Boxes, MapKind, MapLines
 
 __all__ = ["Boxes", "CAMERA_PARAM_NAMES", "CameraRig", "ConditionBuilder", "ConditionFrame", "Layout", "MapKind", "MapLines"]

@@ -6,18 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-# The 11 camera scalars per view, in the reference's order (the released model's
-# `added_time_ids`): fps, fx/H, fy/H, cx/W, cy/H (native image size), the camera's optical
-# axis in the ego frame (r02, r12, r22) and the camera position in the ego frame (tx, ty, tz).
-CAMERA_PARAM_NAMES = ("fps", "fx/H", "fy/H", "cx/W", "cy/H", "r02", "r12", "r22", "tx", "ty", "tz")
-
 
 @dataclass
 class ConditionFrame:
     """Conditions of one frame for the V views of the rig.
 
     box_images, map_images: (V, 3, H, W) float32 in [0, 1] at the model resolution.
-    camera_params: (V, 11) float32, see `CAMERA_PARAM_NAMES`.
+    camera_params: (V, 11) float32, see `dwm.world.rig.CAMERA_PARAM_NAMES`.
     captions: V strings, one per view.
     sim_time: s, the simulation time the frame shows.
     """

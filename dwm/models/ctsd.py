@@ -43,7 +43,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from diffusers.models.resnet import AlphaBlender
 from torch import nn
 
-from dwm.conditions.frame import CAMERA_PARAM_NAMES
+from dwm.world.rig import CAMERA_PARAM_NAMES
 from dwm.models.axial_blocks import AXIAL_QK_NORM_EPS, Float32LayerNorm, VTSelfAttentionBlock, float32_layer_norms
 from dwm.models.base import Denoiser, FrameContext, TextEmbedding
 from dwm.models.layout_adapter import LAYOUT_CHANNELS, VAE_DOWNSCALE, ImageAdapter

@@ -7,10 +7,8 @@ one segment after another (Pillow's libImaging/Draw.c rule, vectorised).
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from dwm.conditions.projection import clip_segments
+from dwm.geometry.projection import clip_segments
 
 PEN_WIDTH = 3  # px at the native image size: the reference's ImageDraw.line(width=3)
 
@@ -196,19 +194,3 @@ def _paint(canvases, views, ranks, y, x_first, x_last, colours) -> None:
     pixel *= 3
     for channel in range(3):
         flat[channel:][pixel] = palette[channel].take(winner)
-
-
-def resize_layouts(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, h, w) float32 in [0, 1], size = (h, w).
-
-    Antialiased bilinear on uint8, which is PIL's bilinear resize (the reference's
-    torchvision `Resize` on PIL images) to within one grey level.
-    """
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # channels-last view, no copy
-    if tuple(pixels.shape[-2:]) != tuple(size):
-        pixels = F.interpolate(pixels, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    # The uint8 -> float step in numpy: torch's multi-threaded elementwise kernels cost
-    # milliseconds here on a busy 2-core machine, numpy's single thread about 0.3 ms.
-    scaled = pixels.numpy().astype(np.float32, order="C")
-    scaled *= np.float32(1.0 / 255.0)
-    return torch.from_numpy(scaled)

@@ -1,4 +1,7 @@
-"""The camera rig: intrinsics, poses and the 11 camera scalars of each view."""
+"""The camera rig on the ego car: intrinsics, poses and the 11 camera scalars of each view.
+
+The world's cameras (Carla's, the embedded world's rasterised ones) and the model's layouts
+share it."""
 
 from __future__ import annotations
 
@@ -9,7 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwm.world.carla_pose import ego_from_carla_camera
-from dwm.conditions.frame import CAMERA_PARAM_NAMES
+
+# The 11 camera scalars per view, in the reference's order (the released model's
+# `added_time_ids`): fps, fx/H, fy/H, cx/W, cy/H (native image size), the camera's optical
+# axis in the ego frame (r02, r12, r22) and the camera position in the ego frame (tx, ty, tz).
+CAMERA_PARAM_NAMES = ("fps", "fx/H", "fy/H", "cx/W", "cy/H", "r02", "r12", "r22", "tx", "ty", "tz")
 
 
 def _numbers(value, count: int, what: str) -> list[float]:
