@@ -50,6 +50,7 @@ class SessionPublisher:
     ):
         self.quality = int(cfg.serve.jpeg_quality)
         self.overlay = overlay
+        self.side_by_side = bool(cfg.stream.side_by_side)
         # One encoder thread per output, so that an RTSP server going away never ends the
         # recording (and a full disk never ends the stream).
         stream, fps, pending = cfg.stream, condition_fps(cfg), int(cfg.serve.video_queue)
@@ -100,7 +101,8 @@ class SessionPublisher:
 
     def _encode(self, frame: GeneratedFrame) -> tuple[np.ndarray, bytes]:
         layout = frame.conditions.layout if self.overlay else None
-        strip = compose_strip(frame.images, layout)  # (h, V*w, 3) uint8
+        cameras = frame.conditions.camera_images if self.side_by_side else None
+        strip = compose_strip(frame.images, layout, cameras)  # (h or 2h, V*w, 3) uint8
         return strip, encode_jpeg(strip, self.quality)
 
     async def next_frame(self, after: int, timeout: float) -> JpegFrame | None:

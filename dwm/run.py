@@ -81,7 +81,8 @@ def run(overrides: list[str]) -> int:
                 progress.warming()
             for frame in session.step(world, pipeline):
                 layout = frame.conditions.layout if cfg.stream.overlay else None
-                publisher.publish(compose_strip(frame.images, layout), frame.conditions.sim_time)
+                cameras = frame.conditions.camera_images if cfg.stream.side_by_side else None
+                publisher.publish(compose_strip(frame.images, layout, cameras), frame.conditions.sim_time)
                 written += 1
                 progress.frame(frame, session.last_observation.ego_speed)
             world.tick()

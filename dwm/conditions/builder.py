@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -175,7 +176,20 @@ class ConditionBuilder:
             camera_params=torch.from_numpy(params.copy()),
             captions=[caption(obs.weather, obs.environment, words) for words in objects],
             sim_time=float(obs.sim_time),
+            camera_images=self._camera_images(obs.camera_images),
         )
+
+    def _camera_images(self, pictures: dict[str, np.ndarray] | None) -> np.ndarray | None:
+        """The world's pictures (camera name -> (h, w, 3) uint8) in view order, at the model
+        resolution: (V, H, W, 3) uint8 (area-averaged when smaller), or None."""
+        if not pictures:
+            return None
+        height, width = self.resolution
+        missing = [name for name in self.rig.names if name not in pictures]
+        if missing:
+            raise ValueError(f"the world's pictures lack the rig's cameras {missing}; it has {sorted(pictures)}")
+        return np.stack([cv2.resize(pictures[name], (width, height), interpolation=cv2.INTER_AREA)
+                         for name in self.rig.names])
 
     def render(self, obs: Observation) -> NativeLayout:
         """Draw the box and map layouts of `obs` at the native size, and find each view's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -15,6 +16,11 @@ class ConditionFrame:
     camera_params: (V, 11) float32, see `dwm.world.rig.CAMERA_PARAM_NAMES`.
     captions: V strings, one per view.
     sim_time: s, the simulation time the frame shows.
+    camera_images: the world's own pictures of the moment where it renders them (Carla's
+        cameras, the embedded world's rasterised ones; `world.attach_cameras`), (V, H, W, 3)
+        uint8 RGB at the model resolution, else None. Not a condition of the model: they travel
+        with the frame to be shown beside it (`stream.side_by_side`) and are the demo model's
+        training target.
     """
 
     box_images: torch.Tensor
@@ -22,6 +28,7 @@ class ConditionFrame:
     camera_params: torch.Tensor
     captions: list[str]
     sim_time: float
+    camera_images: np.ndarray | None = None
 
     @property
     def layout(self) -> torch.Tensor:

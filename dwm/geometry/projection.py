@@ -88,3 +88,33 @@ def project_segments(
     views, index = np.nonzero(keep)
     a, b = a[keep], b[keep]  # (n, 3), depth >= near > 0
     return views, index, a[:, :2] / a[:, 2:], b[:, :2] / b[:, 2:]
+
+
+# The 6 faces of a box as corner indices (see CORNER_SIGNS), each in a cycle around the face,
+# and their outward normals in the box frame: front, back, left, right, top, bottom.
+BOX_FACES = np.array([[4, 5, 7, 6], [0, 2, 3, 1], [2, 6, 7, 3], [0, 1, 5, 4], [1, 3, 7, 5], [0, 4, 6, 2]], dtype=np.intp)
+BOX_FACE_NORMALS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=np.float64)
+
+
+def clip_polygons_near(points: np.ndarray, near: float) -> tuple[np.ndarray, np.ndarray]:
+    """Clip convex polygons (n, k, 3) in camera coordinates (depth z, m) to z >= near.
+
+    One plane cuts a convex k-gon into a convex polygon of at most k + 1 corners. Returns
+    (polygons (n, k + 1, 3), keep (n,)): each polygon's corners in order, the last repeated
+    to fill k + 1; keep is False for polygons wholly in front of the plane.
+    """
+    n, k = points.shape[:2]
+    a, b = points, np.roll(points, -1, axis=1)
+    a_in, b_in = a[..., 2] >= near, b[..., 2] >= near
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (near - a[..., 2]) / (b[..., 2] - a[..., 2])
+    crossing = a + np.nan_to_num(t)[..., None] * (b - a)
+    # Per edge a -> b (Sutherland-Hodgman): a when inside, then the crossing when the edge
+    # goes through the plane. (n, 2k) candidates, kept in order.
+    candidates = np.stack([a, crossing], axis=2).reshape(n, 2 * k, 3)
+    take = np.stack([a_in, a_in != b_in], axis=2).reshape(n, 2 * k)
+    count = take.sum(axis=1)
+    order = np.argsort(~take, axis=1, kind="stable")[:, : k + 1]  # the taken ones first, in order
+    slot = np.minimum(np.arange(k + 1)[None], np.maximum(count - 1, 0)[:, None])  # repeat the last
+    polygons = np.take_along_axis(candidates, np.take_along_axis(order, slot, axis=1)[..., None], axis=1)
+    return polygons, count >= 3

@@ -1,4 +1,4 @@
-"""Drawing projected segments and resizing layouts to the model resolution.
+"""Painting projected segments and polygons on images, with no loop over them.
 
 `draw_lines` draws as the reference does, pixel for pixel: PIL's `ImageDraw.line(width=3)`,
 one segment after another (Pillow's libImaging/Draw.c rule, vectorised).
@@ -194,3 +194,55 @@ def _paint(canvases, views, ranks, y, x_first, x_last, colours) -> None:
     pixel *= 3
     for channel in range(3):
         flat[channel:][pixel] = palette[channel].take(winner)
+
+
+def polygon_spans(polygons: np.ndarray, height: int) -> tuple[np.ndarray, ...]:
+    """The pixel spans of convex polygons (n, k, 2) float px on rows 0..height-1.
+
+    A pixel (x, y) (its centre at integer x, y) is inside when its centre is inside the
+    polygon. Vertices may repeat (a polygon of fewer than k corners repeats its last one);
+    the order may turn either way. Returns (polygon, y, x_first, x_last), each (m,) int, one
+    per row a polygon crosses; x not clipped, x_first > x_last paints nothing.
+    """
+    n, k = polygons.shape[:2]
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, empty
+    ys = polygons[..., 1]
+    first = np.maximum(np.ceil(ys.min(axis=1)), 0).astype(np.int64)
+    last = np.minimum(np.floor(ys.max(axis=1)), height - 1).astype(np.int64)
+    polygon, row = _expand(np.maximum(last - first + 1, 0))
+    y = (first.take(polygon) + row).astype(np.float64)
+    # Every edge a -> b of the polygon met on the row (m, k): a convex polygon's row crosses
+    # its outline at two points (or touches a vertex); the span lies between the outermost.
+    a, b = polygons[polygon], np.roll(polygons, -1, axis=1)[polygon]
+    ya, yb = a[..., 1], b[..., 1]
+    meets = (np.minimum(ya, yb) <= y[:, None]) & (y[:, None] <= np.maximum(ya, yb))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(yb != ya, (y[:, None] - ya) / (yb - ya), 0.0)
+    x = a[..., 0] + t * (b[..., 0] - a[..., 0])
+    left = np.where(meets, x, np.inf).min(axis=1)
+    right = np.where(meets, x, -np.inf).max(axis=1)
+    ok = np.isfinite(left) & np.isfinite(right)
+    # Ends far off the image (a vertex just past the near plane) are clamped before the int cast.
+    x_first = np.ceil(np.clip(left, -1.0, 2.0**40)).astype(np.int64)
+    x_last = np.floor(np.clip(right, -2.0, 2.0**40)).astype(np.int64)
+    x_last = np.where(ok, x_last, x_first - 1)
+    return polygon, y.astype(np.int64), x_first, x_last
+
+
+def fill_polygons(
+    canvases: np.ndarray, views: np.ndarray, ranks: np.ndarray, polygons: np.ndarray, colours: np.ndarray
+) -> None:
+    """Fill convex polygons (n, k, 2) float px on canvases (V, H, W, 3) uint8 in place:
+    polygon i on view views[i] in colours[ranks[i]] (colours (K, 3) uint8 RGB, ranks (n,) int
+    in [0, K)); where polygons overlap the higher rank is on top, as if painted one by one in
+    increasing rank. Every polygon's pixels are painted (the union, not OpenCV's even-odd
+    rule of one `fillPoly` call over several contours), with no loop over polygons."""
+    if len(polygons) == 0:
+        return
+    views, ranks = np.asarray(views), np.asarray(ranks)
+    if ranks.min() < 0 or ranks.max() >= len(colours):
+        raise ValueError(f"ranks must index the {len(colours)} colours, got {ranks.min()}..{ranks.max()}")
+    polygon, y, x_first, x_last = polygon_spans(np.asarray(polygons, dtype=np.float64), canvases.shape[1])
+    _paint(canvases, views.take(polygon), ranks.take(polygon), y, x_first, x_last, colours)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,11 @@ import torch.nn.functional as F
 OVERLAY_OPACITY = 0.6
 
 
-def compose_strip(views: torch.Tensor | np.ndarray, layout: torch.Tensor | None = None) -> np.ndarray:
-    """Put the V views side by side, left to right in rig order, optionally with the layout.
+def compose_strip(
+    views: torch.Tensor | np.ndarray, layout: torch.Tensor | None = None, cameras: np.ndarray | None = None
+) -> np.ndarray:
+    """Put the V views side by side, left to right in rig order, optionally with the layout,
+    and optionally with the world's own pictures of the same moment under them.
 
     views: (V, h, w, 3) uint8 RGB at the output size (`GeneratedFrame.images`, made by
         `dwm.pipelines.decode`; `to_uint8_views` turns float images into these).
@@ -20,7 +24,11 @@ def compose_strip(views: torch.Tensor | np.ndarray, layout: torch.Tensor | None 
         preview rule: cond = max(box, map) per pixel and channel, nearest-resized to [h, w];
         alpha = 0.6 * max over channels of cond; out = cond * 255 * alpha + img * (1 - alpha).
 
-    Returns the strip, (h, V * w, 3) uint8, C-contiguous (ready for the encoder).
+    cameras: optional (V, H', W', 3) uint8 RGB, the world's pictures (`ConditionFrame.
+        camera_images`): resized to [h, w] and put as a second row, each under its view, so
+        the strip is (2h, V * w, 3) (`stream.side_by_side`).
+
+    Returns the strip, (h, V * w, 3) (or (2h, V * w, 3)) uint8, C-contiguous (ready for the encoder).
     """
     if isinstance(views, torch.Tensor):
         views = views.detach().cpu().numpy()
@@ -33,11 +41,21 @@ def compose_strip(views: torch.Tensor | np.ndarray, layout: torch.Tensor | None 
     if num_views == 0:
         raise ValueError("views must hold at least one view, got V = 0")
     strip = np.ascontiguousarray(views.transpose(1, 0, 2, 3)).reshape(h, num_views * w, 3)
-    if layout is None:
+    if layout is not None:
+        strip = _overlaid(strip, layout, num_views, h, w)
+    if cameras is None:
         return strip
+    if not isinstance(cameras, np.ndarray) or cameras.ndim != 4 or len(cameras) != num_views or cameras.dtype != np.uint8:
+        raise ValueError(f"cameras must be ({num_views}, H, W, 3) uint8 RGB pictures, one per view, got "
+                         f"{(tuple(cameras.shape), str(cameras.dtype)) if isinstance(cameras, np.ndarray) else type(cameras).__name__}")
+    row = np.concatenate([cv2.resize(c, (w, h), interpolation=cv2.INTER_AREA) for c in cameras], axis=1)
+    return np.concatenate([strip, row], axis=0)
 
-    # The per-pixel work runs in numpy, in place on two strip-sized buffers: torch's thread
-    # pool costs more than it saves on arrays this small, most of all on busy CPUs.
+
+def _overlaid(strip: np.ndarray, layout: torch.Tensor, num_views: int, h: int, w: int) -> np.ndarray:
+    """The strip (h, V*w, 3) uint8 with the layout blended over it (`compose_strip`'s rule).
+    The per-pixel work runs in numpy, in place on two strip-sized buffers: torch's thread
+    pool costs more than it saves on arrays this small, most of all on busy CPUs."""
     with torch.no_grad():
         cond = _layout_condition(layout, num_views, h, w)
     blended = strip.astype(np.float32)

@@ -30,6 +30,7 @@ places and routes in `placement`, what an ego sees in `embedded_scene`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,13 +40,15 @@ from highway_env.road.lane import AbstractLane
 from highway_env.vehicle.kinematics import Vehicle
 
 from dwm.world.base import Observation, UnknownEgoError, VehicleControl, Weather, World
+from dwm.world.camera import SceneCamera
 from dwm.world.collisions import CrashRelease
 from dwm.world.ego_car import EgoCar, control_from_motion
 from dwm.world.embedded_scene import EmbeddedScene
 from dwm.world.embedded_traffic import EmbeddedTraffic
 from dwm.world.endless_road import scene_shift
-from dwm.world.maps import build_road, exit_roads, map_geometry, map_spec
+from dwm.world.maps import build_road, exit_roads, map_geometry, map_spec, road_surface
 from dwm.world.placement import blocking, extend_route, is_leaving, plan_route, random_place
+from dwm.world.rig import CameraRig
 from dwm.world.traffic import TrafficCar
 
 OFF_MAP_M = 20.0  # an ego this far from every lane has left the map
@@ -99,7 +102,10 @@ class EmbeddedWorld(World):
     Carla's client package, `dwm.world.opendrive_map`); vehicles: traffic besides the egos;
     truck_ratio: share of that traffic that is trucks; dt: s per tick; seed: int >= 0;
     view_range: m around an ego within which actors and map lines are observed;
-    environment: caption scene description (None: the map's own); weather: `Weather` fields.
+    environment: caption scene description (None: the map's own); weather: `Weather` fields;
+    attach_cameras: every observation carries a rasterised picture from each camera of `rig`
+    (a rig config node, `conf/rig/*.yaml`) at its native size (`dwm.world.camera`), as Carla's
+    RGB cameras do with the same keys.
     """
 
     def __init__(
@@ -112,6 +118,8 @@ class EmbeddedWorld(World):
         view_range: float = 120.0,
         environment: str | None = None,
         weather: Mapping | Weather | None = None,
+        attach_cameras: bool = False,
+        rig: Mapping | None = None,
     ):
         self._spec = map_spec(map)
         count = _integer("vehicles", vehicles, 0)
@@ -123,6 +131,10 @@ class EmbeddedWorld(World):
             raise ValueError(f"world environment={environment!r} must be a text or null")
         self.environment = environment if environment is not None else self._spec.description
         self.weather = _weather(weather)
+        if not isinstance(attach_cameras, bool):
+            raise ValueError(f"world.attach_cameras={attach_cameras!r} must be true or false")
+        if attach_cameras and not (isinstance(rig, Mapping) and rig.get("cameras")):
+            raise ValueError("world.attach_cameras=true needs world.rig (the camera rig, ${rig})")
 
         # Separate streams: where things spawn, and highway-env's own behaviour randomness.
         spawn_seq, road_seq = np.random.SeedSequence(seed).spawn(2)
@@ -132,6 +144,10 @@ class EmbeddedWorld(World):
         self._lanes: list[AbstractLane] = self._network.lanes_list()
         self._exits = exit_roads(self._spec, self._network)
         self._geometry = self._spec.geometry or map_geometry(self._spec.name)
+        self.camera = SceneCamera(CameraRig.from_config(rig)) if attach_cameras else None
+        self._road_surface = road_surface(self._network) if attach_cameras else None
+        self._road_centres = self._road_surface[:, :, :2].mean(axis=1) if attach_cameras else None
+        self._paints = itertools.count()  # each vehicle's paint, in the order they are first seen
 
         self._egos: dict[str, _Ego] = {}
         self._next_ego = 1
@@ -234,20 +250,33 @@ class EmbeddedWorld(World):
         ego = self._ego(ego_id)
         if self._scene is None:
             self._scene = EmbeddedScene.of(self._road.vehicles)
-        pose, boxes = self._scene.seen_by(ego.vehicle, self.view_range)
+        pose, boxes, rows = self._scene.seen_by(ego.vehicle, self.view_range)
+        map_lines = self._geometry.near(pose[:2, 3], self.view_range)
         return Observation(
             ego_id=ego_id,
             sim_time=self.sim_time,
             ego_pose=pose,
             ego_speed=float(ego.vehicle.speed),
             boxes=boxes,
-            map_lines=self._geometry.near(pose[:2, 3], self.view_range),
+            map_lines=map_lines,
             weather=self.weather,
             environment=self.environment,
             control=self._effective_control(ego),
             autopilot=ego.autopilot,
             lane_offset=self._lane_offset(ego.vehicle),
+            camera_images=self._pictures(pose, boxes, rows, map_lines) if self.camera else None,
         )
+
+    def _pictures(self, pose: np.ndarray, boxes, rows: np.ndarray, map_lines) -> dict[str, np.ndarray]:
+        """Each camera's picture (H, W, 3) uint8 of what an ego at `pose` sees: `boxes` (the
+        vehicles at scene `rows`) and `map_lines`, on the road surface around it."""
+        for v in self._road.vehicles:
+            if not hasattr(v, "paint"):
+                v.paint = next(self._paints)
+        paints = np.array([self._road.vehicles[r].paint for r in rows], dtype=np.int64)
+        near = np.sum((self._road_centres - pose[:2, 3]) ** 2, axis=1) <= (self.view_range + 10.0) ** 2
+        images = self.camera.render(pose, boxes, paints, map_lines, self._road_surface[near], self.weather)
+        return dict(zip(self.camera.rig.names, images))
 
     def close(self) -> None:
         self._road.vehicles.clear()
@@ -343,4 +372,6 @@ class EmbeddedWorld(World):
     def _replace_vehicle(self, old: Vehicle, new: Vehicle) -> None:
         """Swap a vehicle in place, so that the stepping order (and determinism) is kept."""
         self._road.vehicles[self._road.vehicles.index(old)] = new
+        if hasattr(old, "paint"):
+            new.paint = old.paint
         self._crashes.moved(old, new)

@@ -34,9 +34,10 @@ class EmbeddedScene:
         index = {id(v): i for i, v in enumerate(vehicles)}
         return cls(index, centres, yaws, sizes, categories)
 
-    def seen_by(self, vehicle: Vehicle, view_range: float) -> tuple[np.ndarray, Boxes]:
+    def seen_by(self, vehicle: Vehicle, view_range: float) -> tuple[np.ndarray, Boxes, np.ndarray]:
         """(ego pose (4, 4): world <- rear-axle ego, boxes of the other vehicles within
-        `view_range` m of its rear axle) for the ego driving `vehicle`."""
+        `view_range` m of its rear axle, the boxes' rows in the scene (their vehicles' places
+        in the stepping order)) for the ego driving `vehicle`."""
         row = self.index[id(vehicle)]
         yaw = float(self.yaws[row])
         forward = np.array([math.cos(yaw), math.sin(yaw)])
@@ -57,4 +58,4 @@ class EmbeddedScene:
             yaws=self.yaws[rows],
             categories=[self.categories[r] for r in rows],
         )
-        return pose, boxes
+        return pose, boxes, rows

@@ -211,6 +211,19 @@ def _side_polyline(lane: AbstractLane, side: int) -> np.ndarray:
     return np.array([lane.position(si, (side - 0.5) * lane.width_at(si)) for si in s])
 
 
+def road_surface(network: RoadNetwork) -> np.ndarray:
+    """The drivable surface of a road network as ground quads (Q, 4, 3), world frame, m:
+    every lane cut along its length (every metre on curves, every 5 m on straights) into
+    quads between its two sides, corners in a cycle (left start, left end, right end, right
+    start). Lanes that overlap (in a junction) give overlapping quads."""
+    quads = []
+    for lane in network.lanes_list():
+        right, left = _side_polyline(lane, 0), _side_polyline(lane, 1)
+        quads.append(np.stack([left[:-1], left[1:], right[1:], right[:-1]], axis=1))
+    xy = to_world_xy(np.concatenate(quads)) if quads else np.zeros((0, 4, 2))
+    return np.concatenate([xy, np.zeros(xy.shape[:2] + (1,))], axis=-1)
+
+
 def _point_segment_distance(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Distance (P,) from each of points (P, 2) to the nearest of the segments a -> b (M, 2)."""
     ab = b - a  # (M, 2)
