@@ -90,24 +90,29 @@ def decode(path: Path) -> tuple[list[np.ndarray], list[float]]:
 
 
 @pytest.mark.parametrize(
-    "overrides, views",
+    "overrides, views, rows",
     [
-        ([], 3),
-        (["world.map=roundabout", "pipeline.bands=2", "stream.overlay=false"], 3),
-        (["rig=nusc_6views", "world.map=intersection", "pipeline.guidance=1.0"], 6),
-        pytest.param(["world.map=tests/data/town_grid_rht.xodr"], 3,
+        ([], 3, 1),
+        (["world.map=roundabout", "pipeline.bands=2", "stream.overlay=false"], 3, 1),
+        (["rig=nusc_6views", "world.map=intersection", "pipeline.guidance=1.0"], 6, 1),
+        (["stream.side_by_side=true"], 3, 2),
+        pytest.param(["world.map=tests/data/town_grid_rht.xodr"], 3, 1,
                      marks=pytest.mark.skipif(not HAVE_CARLA, reason="OpenDRIVE maps need the carla client")),
     ],
-    ids=["default", "roundabout-2-bands", "6-views", "opendrive-file"],
+    ids=["default", "roundabout-2-bands", "6-views", "side-by-side", "opendrive-file"],
 )
-def test_run_writes_a_video_of_the_asked_frames(runs, request, overrides, views):
+def test_run_writes_a_video_of_the_asked_frames(runs, request, overrides, views, rows):
     result, out = runs.result(request, "video")  # frames=6 out=... *overrides
     assert result.returncode == 0, result.stderr
     assert "warming up the queue" in result.stderr  # progress is shown during the warm-up
 
     images, times = decode(out)
     assert len(images) == 6
-    assert images[0].shape == (172, 304 * views, 3)
+    assert images[0].shape == (172 * rows, 304 * views, 3)
+    if rows == 2:  # the world's camera under the generated views: a blue sky over grey road
+        sky, road = images[0][172:182].astype(int), images[0][-10:, 304:608].astype(int)
+        assert (sky[..., 2] > sky[..., 0] + 40).mean() > 0.9
+        assert (np.ptp(road, axis=-1) < 20).mean() > 0.5
     # Timestamps follow simulation time: one 0.1 s tick per frame.
     assert np.allclose(np.diff(times), 0.1, atol=2e-3)
     # The picture moves: consecutive frames differ.

@@ -108,7 +108,7 @@ def clip_polygons_near(points: np.ndarray, near: float) -> tuple[np.ndarray, np.
     a_in, b_in = a[..., 2] >= near, b[..., 2] >= near
     with np.errstate(divide="ignore", invalid="ignore"):
         t = (near - a[..., 2]) / (b[..., 2] - a[..., 2])
-    crossing = a + np.nan_to_num(t)[..., None] * (b - a)
+    crossing = a + np.where(a_in != b_in, t, 0.0)[..., None] * (b - a)
     # Per edge a -> b (Sutherland-Hodgman): a when inside, then the crossing when the edge
     # goes through the plane. (n, 2k) candidates, kept in order.
     candidates = np.stack([a, crossing], axis=2).reshape(n, 2 * k, 3)
