@@ -26,6 +26,16 @@ CONF_DIR = Path(os.environ.get("DWM_CONF_DIR", Path(__file__).resolve().parent.p
 _lock = threading.Lock()
 
 
+def package_file(relative: str) -> str:
+    """`${dwm.package:models/demo/vae.safetensors}` in a config: a file shipped in the dwm
+    package (the demo model's weights), wherever the package is installed."""
+    return str(Path(__file__).resolve().parent / relative)
+
+
+if not OmegaConf.has_resolver("dwm.package"):
+    OmegaConf.register_new_resolver("dwm.package", package_file)
+
+
 class ConfigError(ValueError):
     """A config that cannot be composed or used; the message names the key."""
 

@@ -15,8 +15,8 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
 
 from dwm.config import ConfigError
-
 from dwm.models.base import LatentDecoder
+from dwm.models.checkpoint import CheckpointError, load_checkpoint
 
 LATENT_CHANNELS = 16
 # SD3's latent normalisation: the denoiser works on (z - shift) * scaling.
@@ -47,13 +47,16 @@ class SD3LatentDecoder(nn.Module, LatentDecoder):
 
 class TinySD3Vae(SD3LatentDecoder):
     """diffusers AutoencoderKL with SD3's layout (4 down / 4 up blocks of 2 layers, 16 latent
-    channels, no quant convs) at the width `block_out_channels`, with seeded random weights."""
+    channels, no quant convs) at the width `block_out_channels`, with seeded random weights,
+    or the weights of `checkpoint` (a state dict of that AutoencoderKL, loaded strictly: the
+    demo model's, `python -m dwm.train`)."""
 
     def __init__(
         self,
         seed: int = 0,
         block_out_channels: tuple[int, ...] = (16, 16, 32, 32),
         norm_num_groups: int = 16,
+        checkpoint: str | None = None,
     ):
         super().__init__()
         block_out_channels = tuple(block_out_channels)
@@ -83,6 +86,13 @@ class TinySD3Vae(SD3LatentDecoder):
                 scaling_factor=SD3_SCALING_FACTOR,
                 shift_factor=SD3_SHIFT_FACTOR,
             )
+        if checkpoint:
+            if not Path(checkpoint).expanduser().is_file():
+                raise ConfigError(f"model.vae.checkpoint={checkpoint}: no such file")
+            try:
+                load_checkpoint(self.vae, Path(checkpoint).expanduser(), key="model.vae.checkpoint")
+            except CheckpointError as err:
+                raise ConfigError(str(err)) from None
         self.vae.eval()
 
 
