@@ -115,7 +115,8 @@ def require_file(cfg: DictConfig, key: str) -> Path:
         raise ConfigError(f"{key} is not set: set it to a local path, e.g. {key}=/path/to/file")
     path = Path(str(value)).expanduser()
     if not path.exists():
-        raise ConfigError(f"{key}={value}: no such file or folder")
+        hint = OmegaConf.select(cfg, "model.weights_hint") if key.startswith("model.") else None
+        raise ConfigError(f"{key}={value}: no such file or folder" + (f"; {hint}" if hint else ""))
     return path
 
 

@@ -149,6 +149,8 @@ def check_weights(cfg: DictConfig) -> None:
     """Fail early, naming the key, when the files `cfg.model` needs are not set or not there
     (the checkpoint, and the SD3.5 folder where the model reads one); reads nothing."""
     m = cfg.model
+    if OmegaConf.select(m, "vae.checkpoint"):
+        require_file(cfg, "model.vae.checkpoint")
     if OmegaConf.select(m, "checkpoint"):
         require_file(cfg, "model.checkpoint")
     elif not OmegaConf.select(m, "random_weights", default=False):

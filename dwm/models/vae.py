@@ -88,7 +88,8 @@ class TinySD3Vae(SD3LatentDecoder):
             )
         if checkpoint:
             if not Path(checkpoint).expanduser().is_file():
-                raise ConfigError(f"model.vae.checkpoint={checkpoint}: no such file")
+                raise ConfigError(f"model.vae.checkpoint={checkpoint}: no such file (made with the denoiser's by "
+                                  "`python -m dwm.train`)")
             try:
                 load_checkpoint(self.vae, Path(checkpoint).expanduser(), key="model.vae.checkpoint")
             except CheckpointError as err:

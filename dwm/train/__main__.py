@@ -81,7 +81,7 @@ class Stage:
                 self.optimizer.step()
                 self.schedule.step()
                 self.step += 1
-                self.losses.append(float(value))
+                self.losses.append(float(value.detach()))
                 recent = self.losses[-50:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", **{k: f"{v:.3g}" for k, v in info.items()})
                 bar.update()

@@ -1,47 +1,40 @@
 """Rendered windows kept for the denoiser's training: drawn and VAE-encoded once, used for many
 steps. Rendering a window and encoding its pictures costs about ten times a training step of
-the demo denoiser on a CPU; the latents are small, and the layouts (mostly black line
-drawings) are kept zlib-compressed (about 20x smaller than raw uint8)."""
+the demo denoiser on a CPU. The latents are kept in float16; each frame's conditions packed as
+they cross between processes (`PackedConditions`: exact, the layouts zlib-compressed)."""
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from dwm.conditions.frame import ConditionFrame
+from dwm.conditions.packed import PackedConditions
 from dwm.train.scenes import Window
-
-LAYOUT_SCALE = 255.0  # layouts are [0, 1] floats made from uint8 drawings (`resize_layouts`): exact
 
 
 @dataclass
 class EncodedWindow:
-    """One window as the denoiser's training uses it.
-
-    latents (T, V, 16, h, w) float16, the VAE's normalised latents; layout: zlib of (T, V, 6,
-    H, W) uint8; layout_shape; camera_params (T, V, 11) float32; captions: T lists of V."""
+    """One window as the denoiser's training uses it: latents (T, V, 16, h, w) float16, the
+    VAE's normalised latents, and its T frames' conditions."""
 
     latents: torch.Tensor
-    layout: bytes
-    layout_shape: tuple[int, ...]
-    camera_params: torch.Tensor
-    captions: list[list[str]]
+    frames: list[PackedConditions]
 
     @staticmethod
     def of(window: Window, latents: torch.Tensor) -> "EncodedWindow":
-        layout = (window.layout * LAYOUT_SCALE).round().to(torch.uint8).numpy()
-        return EncodedWindow(latents.to(torch.float16), zlib.compress(layout.tobytes(), 1), layout.shape,
-                             window.camera_params, window.captions)
+        frames = [PackedConditions.pack(ConditionFrame(layout[:, :3], layout[:, 3:], camera, captions, 0.0))
+                  for layout, camera, captions in zip(window.layout, window.camera_params, window.captions)]
+        return EncodedWindow(latents.to(torch.float16), frames)
 
     def window(self) -> Window:
         """As a `Window` without pictures (images is None): what the conditions need."""
-        layout = np.frombuffer(zlib.decompress(self.layout), dtype=np.uint8).reshape(self.layout_shape)
-        return Window(None, torch.from_numpy(layout.astype(np.float32) / LAYOUT_SCALE), self.camera_params,
-                      self.captions)
+        frames = [f.unpack() for f in self.frames]
+        return Window(None, torch.stack([f.layout for f in frames]), torch.stack([f.camera_params for f in frames]),
+                      [f.captions for f in frames])
 
 
 class WindowSet:
