@@ -79,3 +79,10 @@ def model_call_seconds() -> Gauge:
 def world_tick_seconds() -> Histogram:
     return Histogram("dwm_world_tick_seconds", "one world tick, s", boundaries=SECONDS)
 
+
+
+@cache
+def handover_seconds() -> Gauge:
+    return Gauge("dwm_handover_seconds", "the latest denoiser pool round's wall time beyond its slowest stage's own "
+                 "work: starting the round and carrying frames from stage to stage, s (0 where one process "
+                 "runs the model)")

@@ -173,6 +173,7 @@ class QueueServer:
                 took = time.perf_counter() - started
                 metrics.denoise_seconds().observe(took)
                 metrics.model_call_seconds().set(took / self._calls_per_round)
+                metrics.handover_seconds().set(self.pool.handover.last_overhead_s if self.pool else 0.0)
 
     def _push_many(self, frames: dict[str, PackedConditions]) -> DenoisedRound:
         held = set(self.sessions())

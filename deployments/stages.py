@@ -176,9 +176,11 @@ class Handover:
     work_s: float = 0.0  # the slowest stage's work (its step and its take), summed
     wall_s: float = 0.0  # the rounds' wall time, summed
     stage_s: list[float] = field(default_factory=list)  # per stage, its work, summed
+    last_overhead_s: float = 0.0  # the latest round's
 
     def add(self, wall_s: float, stage_work_s: list[float], crossed: list[dict]) -> None:
         work = max(stage_work_s)
+        self.last_overhead_s = max(wall_s - work, 0.0)
         self.rounds += 1
         self.work_s += work
         self.wall_s += wall_s
