@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray import serve
 
 from deployments import metrics
+from deployments.logs import route_library_logs
 from deployments.stages import DenoiserPool, queue_schedule
 from dwm.conditions.packed import PackedConditions
 from dwm.pipelines.cfg_parallel import RowParallelDenoiser, join_group
@@ -91,6 +92,7 @@ class CfgPartner:
     model call's second half of rows. Joins the group at tcp://address:port."""
 
     def __init__(self, cfg: dict, address: str, port: int):
+        route_library_logs()
         cfg = OmegaConf.create(cfg)
         if str(cfg.device).startswith("cuda"):
             cfg.device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
@@ -114,6 +116,7 @@ class CfgPartner:
 @serve.deployment(name="QueueServer", num_replicas=1)
 class QueueServer:
     def __init__(self, cfg: dict):
+        route_library_logs()
         self.cfg = OmegaConf.create(cfg)
         threads = self.cfg.serve.denoiser.torch_threads
         if threads:

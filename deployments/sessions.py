@@ -27,6 +27,7 @@ from deployments import metrics
 from deployments.errors import (
     InvalidRequest, MissingToken, NotOffered, SessionLimit, SessionNotFound, WorldGone, WrongToken, refusals,
 )
+from deployments.logs import route_library_logs
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
 from deployments.schemas import LAYOUT_KINDS
 from deployments.served import (
@@ -56,6 +57,7 @@ class SessionManager:
     """Owns the sessions (one replica: sessions live in its memory)."""
 
     async def __init__(self, world: DeploymentHandle, denoiser: DeploymentHandle, cfg: dict):
+        route_library_logs()
         self.cfg: DictConfig = OmegaConf.create(cfg)
         self.world, self.denoiser = world, denoiser
         self.sessions: dict[str, ServedSession] = {}

@@ -48,6 +48,7 @@ from ray.experimental.channel.cpu_communicator import CPUCommunicator
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from deployments.logs import route_library_logs
 from dwm.conditions.packed import PackedConditions
 from dwm.models.base import LatentDecoder, TextEmbedding, TextEncoder
 from dwm.models.checkpoint import build_denoiser
@@ -96,6 +97,7 @@ class StageActor:
     band of its sessions' queues."""
 
     def __init__(self, cfg: dict, band: int):
+        route_library_logs()
         cfg = OmegaConf.create(cfg)
         gpus = ray.get_gpu_ids()
         if str(cfg.device).startswith("cuda") and torch.cuda.is_available():

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from ray import serve
 
 from deployments import metrics
+from deployments.logs import route_library_logs
 from dwm.config import instantiate
 from dwm.world.base import Observation, UnknownEgoError, VehicleControl, World
 
@@ -25,6 +26,7 @@ class WorldActor:
     and no backend is thread-safe: one lock serialises them (each takes milliseconds)."""
 
     def __init__(self, cfg: dict):
+        route_library_logs()
         self._cfg = OmegaConf.create(cfg)
         self._lock = threading.Lock()
         self._shared: World | None = None

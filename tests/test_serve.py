@@ -606,6 +606,19 @@ def exported_metrics(url: str) -> set[str]:
     return names
 
 
+def test_the_librarys_log_lines_are_in_the_replicas_logs(api):
+    # The line the library logs when it builds the model (dwm.models.checkpoint), in the
+    # QueueServer replica's log file among Serve's own lines.
+    folder = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def model_line() -> list[str]:
+        return [line for log in folder.glob("replica_test-serve_QueueServer_*.log")
+                for line in log.read_text(errors="replace").splitlines() if "model tiny: denoiser of" in line]
+
+    lines = eventually(model_line, "the model line in the QueueServer replica's log")
+    assert "random weights" in lines[0] and "INFO" in lines[0]
+
+
 def test_the_grafana_dashboard_draws_metrics_the_app_exports(api):
     dashboard = json.loads((ROOT / "deployments" / "grafana_dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]

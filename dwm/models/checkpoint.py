@@ -8,6 +8,7 @@ files are read with `weights_only=True` (no code runs from the file) and memory-
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from torch import nn
 
 from dwm.config import ConfigError, instantiate, require_file
 from dwm.models.compiled import compile_denoiser
+
+log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -199,6 +202,9 @@ def build_denoiser(cfg: DictConfig, device: torch.device, dtype: torch.dtype) ->
     else:
         raise ConfigError(_NO_CHECKPOINT.format(name=m.name))
     denoiser.eval().requires_grad_(False)
+    log.info("model %s: denoiser of %.2f M parameters in %s on %s, %s", m.name,
+             sum(p.numel() for p in denoiser.parameters()) / 1e6, str(dtype).removeprefix("torch."), device,
+             f"weights from {Path(str(checkpoint)).name}" if checkpoint else "random weights")
     if OmegaConf.select(m, "compile", default=False):
         mode = OmegaConf.select(m, "compile_mode", default="default")
         try:
