@@ -73,6 +73,14 @@ class NotOffered(SessionError):
     type = "not_offered"
 
 
+class NothingRecorded(SessionError):
+    """A recording asked for before any has been finished."""
+
+    status = 409
+    loc = ("path", "session_id")
+    type = "nothing_recorded"
+
+
 class SessionLimit(SessionError):
     """No room for another session now (serve.max_sessions, or no free place for a car): a
     limit the client meets, not a failure of the server; answered with Retry-After."""

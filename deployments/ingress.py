@@ -24,6 +24,7 @@ from deployments.schemas import (
     ControlState,
     LAYOUT_KINDS,
     ErrorAnswer,
+    SessionChanges,
     SessionCreated,
     SessionOptions,
     SessionShared,
@@ -56,8 +57,10 @@ _ALLOWED = allowed_values()
 _MEANINGS = {
     400: "the body could not be read",
     401: "no token: send `Authorization: Bearer <token>`",
-    403: "the token is not this session's; or (POST /sessions) something this server does not offer, e.g. recording",
+    403: "the token is not this session's (or is a viewer's where the driver's is needed); or something this server "
+         "does not offer, e.g. recording",
     404: "no such driving session",
+    409: "nothing to give yet: the message says what to do first",
     413: "the request body is larger than config serve.max_body_bytes",
     415: "a body not sent as `Content-Type: application/json`",
     429: "no room for another session now (config serve.max_sessions); try again after Retry-After seconds",
@@ -305,7 +308,7 @@ class Ingress:
     @api.post(
         "/sessions", status_code=201, response_model=SessionCreated, summary="Start a driving session",
         responses={201: {"links": _links("header", "get_session", "control_session", "share_session",
-                                         "session_layout", "end_session")},
+                                         "session_layout", "change_session", "session_recording", "end_session")},
                    **_errors(400, 403, 413, 415, 422, 429, 503)},
         dependencies=[Depends(_json_body)], operation_id="start_session",
     )
@@ -350,6 +353,30 @@ class Ingress:
     )
     async def control(self, session_id: str, changes: ControlRequest, authorization: str | None = Header(None)):
         return await self._call("control", session_id, _bearer(authorization), changes.model_dump(exclude_none=True))
+
+    @api.patch(
+        "/sessions/{session_id}", response_model=SessionState,
+        summary="Change a running session: the layout overlay, MP4 recording on or off (the driver only)",
+        responses=_errors(400, 401, 403, 404, 413, 415, 422, 503), dependencies=[Depends(_json_body)],
+        operation_id="change_session",
+    )
+    async def change_session(self, session_id: str, changes: SessionChanges, request: Request,
+                             authorization: str | None = Header(None)):
+        state = await self._call("change", session_id, _bearer(authorization), changes.model_dump(exclude_none=True))
+        return {**state, "streams": self._absolute(request, state["streams"])}
+
+    @api.get(
+        "/sessions/{session_id}/recording.mp4",
+        summary="Download the session's newest finished MP4 recording",
+        response_class=Response,
+        responses={200: {"content": {"video/mp4": {}}}, **_errors(401, 403, 404, 409, 413, 422, 503, by_ref=True)},
+        operation_id="session_recording",
+    )
+    async def recording(self, session_id: str, authorization: str | None = Header(None),
+                        token: str | None = TOKEN_QUERY):
+        name, data = await self._call("recording", session_id, _seeing(authorization, token))
+        return Response(data, media_type="video/mp4",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
 
     @api.delete(
         "/sessions/{session_id}",

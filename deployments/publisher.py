@@ -60,10 +60,11 @@ class SessionPublisher:
                 lambda: VideoEncoder.from_config(stream, rtsp_url=rtsp_url, fps=fps), pending, f"{name}-rtsp",
                 retry_s=float(stream.rtsp.retry_s),  # a restarted RTSP server gets the stream again
             )
+        self._name, self._stream, self._fps, self._pending_limit = name, stream, fps, pending
+        self.recording_path: Path | None = None  # the MP4 being written, if one is
+        self.recordings: list[Path] = []  # the finished MP4s, oldest first
         if record_path:
-            self.outputs["recording"] = BackgroundEncoder(
-                lambda: VideoEncoder.from_config(stream, record_path=record_path, fps=fps), pending, f"{name}-mp4"
-            )
+            self.start_recording(record_path)
         self.latest: JpegFrame | None = None
         self.viewers = 0
         self.skipped = 0  # frames replaced by a newer one before they were encoded
@@ -132,6 +133,9 @@ class SessionPublisher:
             self._changed.notify_all()
         for output in self.outputs.values():
             await asyncio.to_thread(output.close)
+        if self.recording_path is not None:
+            self.recordings.append(self.recording_path)
+            self.recording_path = None
 
     def end(self) -> None:
         """`close` from synchronous code (the app shutting down): the frame being encoded is
@@ -141,6 +145,25 @@ class SessionPublisher:
             self._encoder.cancel()
         for output in self.outputs.values():
             output.close()
+
+    def start_recording(self, path: Path) -> None:
+        """Record the frames from now on into a new MP4 at `path` (from the event loop)."""
+        stream, fps = self._stream, self._fps
+        self.outputs["recording"] = BackgroundEncoder(
+            lambda: VideoEncoder.from_config(stream, record_path=path, fps=fps), self._pending_limit, f"{self._name}-mp4"
+        )
+        self.recording_path = path
+
+    async def stop_recording(self) -> Path | None:
+        """Finish the MP4 being written (its frames so far all in it); returns its path, or None
+        when none was being written."""
+        output = self.outputs.pop("recording", None)
+        path, self.recording_path = self.recording_path, None
+        if output is None:
+            return None
+        await asyncio.to_thread(output.close)
+        self.recordings.append(path)
+        return path
 
     def backlog(self) -> int:
         """Frames waiting for the H.264 encoders (the most behind of RTSP and recording)."""

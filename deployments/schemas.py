@@ -60,6 +60,18 @@ class SessionOptions(BaseModel):
     seed: Seed | None = Field(None, description="seed of the session's denoising noise; a whole number, 0 <= seed <= 2**53 - 1 (default: config seed)")
 
 
+class SessionChanges(BaseModel):
+    """Changes to a running session (the PATCH /sessions/{id} body; all optional)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    overlay: bool | None = Field(None, description="draw the layout over the generated views from now on; true or false")
+    record: bool | None = Field(
+        None, description="true: start recording to a new MP4 file in serve.record_dir (nothing if one is being "
+        "written); false: finish the one being written, which GET /sessions/{id}/recording.mp4 then downloads"
+    )
+
+
 class Streams(BaseModel):
     mjpeg: str = Field(description="multipart/x-mixed-replace JPEG stream of the session's video; its URL carries "
                        "a read-only viewer token (`?token=`), never the driver's, so it can go to a player as it is")
@@ -125,7 +137,8 @@ class SessionStats(BaseModel):
                               "it (the World actor restarted): a new place, the same session and stream")
     viewers: int = Field(description="MJPEG viewers now")
     rtsp: VideoOutput | None = Field(description="the RTSP push (config stream.rtsp.url), or null")
-    recording: VideoOutput | None = Field(description="the MP4 recording ({\"record\": true}), or null")
+    recording: VideoOutput | None = Field(description="the MP4 recording being written ({\"record\": true}), or null")
+    recordings: int = Field(description="finished MP4 recordings; the newest is at GET /sessions/{id}/recording.mp4")
 
 
 class ModelInfo(BaseModel):

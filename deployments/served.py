@@ -108,6 +108,7 @@ class ServedSession:
                 "viewers": self.publisher.viewers,
                 "rtsp": self.publisher.output_stats("rtsp"),
                 "recording": self.publisher.output_stats("recording"),
+                "recordings": len(self.publisher.recordings),
             },
         }
 

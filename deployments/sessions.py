@@ -25,7 +25,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.errors import (
-    InvalidRequest, MissingToken, NotOffered, SessionLimit, SessionNotFound, WorldGone, WrongToken, refusals,
+    InvalidRequest, MissingToken, NothingRecorded, NotOffered, SessionLimit, SessionNotFound, WorldGone, WrongToken,
+    refusals,
 )
 from deployments.logs import route_library_logs
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
@@ -383,6 +384,40 @@ class SessionManager:
                 raise
             session.controlled(change)
         return session.control_state()
+
+    @refusals
+    async def change(self, session_id: str, token: str | None, changes: dict) -> dict:
+        """Change a running session's options (`SessionChanges` fields; the driver only): the
+        layout overlay on its video, and MP4 recording started (a new file in serve.record_dir)
+        or finished. Returns its state."""
+        served = self._authorised(session_id, token)
+        if changes.get("overlay") is not None:
+            served.publisher.overlay = served.options["overlay"] = bool(changes["overlay"])
+        record = changes.get("record")
+        if record and served.publisher.recording_path is None:
+            record_dir = self.cfg.serve.record_dir
+            if not record_dir:
+                raise NotOffered("record: recording is off on this server (config serve.record_dir is not set)",
+                                 loc=("body", "record"))
+            done = len(served.publisher.recordings)
+            name = f"{session_id}.mp4" if done == 0 else f"{session_id}-{done + 1}.mp4"
+            served.publisher.start_recording(Path(record_dir) / name)
+        elif record is False:
+            await served.publisher.stop_recording()
+        served.options["record"] = served.publisher.recording_path is not None
+        return served.state(self.sim_time, self.world_error, served.watch, self.denoiser_error)
+
+    @refusals
+    async def recording(self, session_id: str, token: str | None) -> tuple[str, bytes]:
+        """The session's newest finished MP4 recording: (file name, bytes)."""
+        served, _ = self._viewed(session_id, token)
+        if not served.publisher.recordings:
+            raise NothingRecorded(
+                f"driving session {session_id!r} has no finished recording: start one (PATCH "
+                f"/sessions/{session_id} {{\"record\": true}}) and stop it ({{\"record\": false}})"
+            )
+        path = served.publisher.recordings[-1]
+        return path.name, await asyncio.to_thread(path.read_bytes)
 
     @refusals
     async def delete(self, session_id: str, token: str | None) -> dict:

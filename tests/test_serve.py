@@ -9,6 +9,7 @@ made.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import multiprocessing as mp
 import os
@@ -471,6 +472,8 @@ ANSWERS = {
     ("/sessions", "post"): {201, 400, 403, 413, 415, 422, 429, 503},
     ("/sessions/{session_id}", "get"): {200, 401, 403, 404, 413, 422, 503},
     ("/sessions/{session_id}", "delete"): {200, 401, 403, 404, 413, 422, 503},
+    ("/sessions/{session_id}", "patch"): {200, 400, 401, 403, 404, 413, 415, 422, 503},
+    ("/sessions/{session_id}/recording.mp4", "get"): {200, 401, 403, 404, 409, 413, 422, 503},
     ("/sessions/{session_id}/control", "post"): {200, 400, 401, 403, 404, 413, 415, 422, 503},
     ("/sessions/{session_id}/share", "post"): {201, 401, 403, 404, 413, 422, 503},
     ("/sessions/{session_id}/video.mjpg", "get"): {200, 401, 403, 404, 413, 422, 503},
@@ -536,7 +539,7 @@ def test_fps_of_a_slow_session_is_measured_from_its_last_frames():
 def test_the_api_keeps_its_names_and_serves_the_page_and_docs(api):
     paths = requests.get(f"{api.base}/openapi.json", timeout=30).json()["paths"]
     assert set(paths["/sessions"]) == {"get", "post"}
-    assert set(paths["/sessions/{session_id}"]) == {"get", "delete"}
+    assert set(paths["/sessions/{session_id}"]) == {"get", "delete", "patch"}
     assert set(paths["/sessions/{session_id}/control"]) == {"post"}
     assert "get" in paths["/sessions/{session_id}/video.mjpg"]
     assert requests.get(f"{api.base}/docs", timeout=30).status_code == 200
@@ -746,6 +749,44 @@ def test_a_recorded_session_leaves_an_mp4_of_its_frames_even_when_rtsp_fails(api
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == recording["published"] > 0
     assert frames[0].shape == (VIEW_H, VIEWS * VIEW_W, 3)
+
+
+def test_a_driver_turns_the_overlay_off_and_records_while_driving_and_anyone_watching_downloads_it(api):
+    session = api.create(overlay=True)
+    sid, url = session["id"], f"{api.base}/sessions/{session['id']}"
+    api.wait_frames_out(sid, 1)
+    viewer = requests.post(f"{url}/share", headers=api.auth(sid), timeout=30).json()["token"]
+    # Nothing recorded yet: the answer says how to record.
+    assert "PATCH" in refusal(requests.get(f"{url}/recording.mp4?token={viewer}", timeout=30), 409)
+    # A viewer cannot change the session; unknown fields and non-JSON bodies are refused.
+    as_viewer = {"Authorization": f"Bearer {viewer}"}
+    assert requests.patch(url, json={"record": True}, headers=as_viewer, timeout=30).status_code == 403
+    assert requests.patch(url, json={"record": True}, timeout=30).status_code == 401
+    assert "colour" in refusal(requests.patch(url, json={"colour": "red"}, headers=api.auth(sid), timeout=30), 422)
+    assert requests.patch(url, data="record=1", headers=api.auth(sid), timeout=30).status_code == 415
+
+    r = requests.patch(url, json={"overlay": False, "record": True}, headers=api.auth(sid), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["options"]["overlay"] is False and r.json()["options"]["record"] is True
+    eventually(lambda: (api.state(sid)["stats"]["recording"] or {}).get("published", 0) >= 3, "3 frames recorded")
+    stopped = requests.patch(url, json={"record": False}, headers=api.auth(sid), timeout=60).json()
+    assert stopped["options"]["record"] is False and stopped["stats"]["recording"] is None
+    assert stopped["stats"]["recordings"] == 1
+
+    # The finished MP4, downloaded with the viewer's link (as a browser's download link does).
+    r = requests.get(f"{url}/recording.mp4?token={viewer}", timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    assert f'filename="{sid}.mp4"' in r.headers["content-disposition"]
+    with av.open(io.BytesIO(r.content)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) >= 3 and frames[0].shape == (VIEW_H, VIEWS * VIEW_W, 3)
+    # The session goes on; a second recording is a second file, and the newest is downloaded.
+    requests.patch(url, json={"record": True}, headers=api.auth(sid), timeout=30)
+    eventually(lambda: (api.state(sid)["stats"]["recording"] or {}).get("published", 0) >= 1, "a frame recorded")
+    requests.patch(url, json={"record": False}, headers=api.auth(sid), timeout=60)
+    r = requests.get(f"{url}/recording.mp4", headers=api.auth(sid), timeout=60)
+    assert f'filename="{sid}-2.mp4"' in r.headers["content-disposition"]
+    assert api.state(sid)["state"] == "running"
 
 
 # ----------------------------------------------------------------------------- the builder
