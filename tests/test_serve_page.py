@@ -237,6 +237,17 @@ def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, br
         eventually(lambda field=field: server_state(base, session_id, token)["control"][field] is False,
                    f"{key.upper()} again to turn {field} off")
 
+    # The layout overlay is switched off from the page; recording is refused on this server
+    # (no serve.record_dir), with the server's reason shown; there is nothing to download.
+    assert page.is_enabled("#overlay") and page.is_checked("#overlay")
+    assert server_state(base, session_id, token)["options"]["overlay"] is True
+    page.uncheck("#overlay")
+    eventually(lambda: server_state(base, session_id, token)["options"]["overlay"] is False,
+               "unticking the overlay to reach the server")
+    page.click("#record")
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('serve.record_dir')")
+    assert tab.text("#record") == "Record" and page.is_hidden("#download")
+
     # End session: the server has no sessions left, and the page is back where it started.
     page.click("#stop")
     eventually(lambda: sessions(base, token) == [], "the session to end on the server")
@@ -244,6 +255,7 @@ def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, br
     assert tab.attr("#video", "src") is None
     assert page.is_enabled("#start") and page.is_disabled("#stop")
     assert tab.text("#session") == "" and tab.text("#error") == ""
+    assert page.is_disabled("#overlay") and page.is_disabled("#record")
     assert tab.errors == [], tab.errors
 
 
@@ -310,6 +322,7 @@ def test_a_session_started_elsewhere_is_watched_with_a_viewer_token_and_driven_w
         assert viewer in (tab.attr("#video", "src") or "") and driver not in (tab.attr("#video", "src") or "")
         tab.wait_stat("frames", 0, "the watched session's frames")
         page.wait_for_selector("#video", state="visible")
+        assert page.is_disabled("#overlay") and page.is_disabled("#record")  # the driver's to change
         page.keyboard.down("w")
         page.keyboard.up("w")
         page.click("#stop")  # leaving a watched session does not end it
