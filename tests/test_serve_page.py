@@ -175,6 +175,9 @@ def test_the_page_starts_a_session_shows_its_video_drives_it_and_ends_it(tab, br
     assert [s["id"] for s in sessions(base, token)] == [session_id]
     assert server_state(base, session_id, token)["control"]["autopilot"] is False
     assert page.is_disabled("#start") and page.is_enabled("#stop")
+    # The page's list of the sessions it may see: this one (sessions are private), being watched.
+    page.wait_for_function("(id) => document.getElementById('list-items').textContent.includes(id)", arg=session_id)
+    assert page.is_hidden("#list-none") and page.is_disabled("#list-items button")
     frames = tab.wait_stat("frames", 0, "the page's stats to count frames")
     assert "frames" in tab.text("#stats") and "speed" in tab.text("#stats")
     assert tab.text("#error") == ""
@@ -312,6 +315,9 @@ def test_a_session_started_elsewhere_is_watched_with_a_viewer_token_and_driven_w
     sid, driver = created["id"], created["token"]
     auth = {"Authorization": f"Bearer {driver}"}
     try:
+        # A private session started elsewhere is not in this page's list.
+        page.wait_for_selector("#list-none", state="visible")
+        assert sid not in tab.text("#list-items")
         viewer = requests.post(f"{base}/sessions/{sid}/share", headers=auth, timeout=30).json()["token"]
 
         # Watching: the video and the stats of that session, and the keys drive nothing.
