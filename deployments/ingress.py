@@ -6,9 +6,10 @@ import logging
 from http import HTTPStatus
 from pathlib import Path
 
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.utils import is_body_allowed_for_status_code
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -247,11 +248,22 @@ def _fields_of(request: Request) -> list[str]:
     return list(model.model_fields)
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+# The session's token, as FastAPI's bearer scheme: /docs shows it and lets a user authorize.
+# Not an automatic 401: where no token is needed (start, list) none is asked, and the session
+# manager says which token an operation wants.
+BEARER = HTTPBearer(
+    auto_error=False, scheme_name="SessionToken", bearerFormat="opaque",
+    description="the token `POST /sessions` answers (the driver's) or `POST /sessions/{id}/share` answers (a viewer's)",
+)
+TOKEN_HEADER = Security(BEARER)
+# Where `?token=` (or public viewing) does as well, the header is one way among others: FastAPI
+# declares the scheme, this adds "or none" to the operation's security (FastAPI appends lists).
+HEADER_OR_QUERY = {"security": [{}]}
+
+
+def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    token = credentials.credentials.strip() if credentials else ""
+    return token or None
 
 
 # Where a session is seen (state, video, layout), the token may come in the URL too: players
@@ -260,8 +272,8 @@ TOKEN_QUERY = Query(None, max_length=256, description="the driver's or a viewer'
                     "send `Authorization: Bearer <token>` (the header wins when both are given)")
 
 
-def _seeing(authorization: str | None, token: str | None) -> str | None:
-    return _bearer(authorization) or token or None
+def _seeing(credentials: HTTPAuthorizationCredentials | None, token: str | None) -> str | None:
+    return _bearer(credentials) or token or None
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1000)
@@ -319,18 +331,19 @@ class Ingress:
             del self.started[next(iter(self.started))]  # the oldest
         return {**created, "streams": self._absolute(request, created["streams"])}
 
-    @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422, 503), operation_id="list_sessions",
+    @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422, 503),
+             operation_id="list_sessions", openapi_extra=HEADER_OR_QUERY,
              summary="The driving sessions the token given may see (all of them with serve.public_viewing)")
-    async def list_sessions(self, request: Request, authorization: str | None = Header(None),
+    async def list_sessions(self, request: Request, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER,
                             token: str | None = TOKEN_QUERY):
         states = await self._call("list", _seeing(authorization, token))
         return [{**s, "streams": self._absolute(request, s["streams"])} for s in states]
 
     @api.get(
         "/sessions/{session_id}", response_model=SessionState, summary="A session's state and stats",
-        responses=_errors(401, 403, 404, 413, 422, 503), operation_id="get_session",
+        responses=_errors(401, 403, 404, 413, 422, 503), operation_id="get_session", openapi_extra=HEADER_OR_QUERY,
     )
-    async def get_session(self, session_id: str, request: Request, authorization: str | None = Header(None),
+    async def get_session(self, session_id: str, request: Request, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER,
                           token: str | None = TOKEN_QUERY):
         state = await self._call("get", session_id, _seeing(authorization, token))
         return {**state, "streams": self._absolute(request, state["streams"])}
@@ -342,7 +355,7 @@ class Ingress:
                    **_errors(401, 403, 404, 413, 422, 503)},
         operation_id="share_session",
     )
-    async def share(self, session_id: str, request: Request, authorization: str | None = Header(None)):
+    async def share(self, session_id: str, request: Request, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER):
         shared = await self._call("share", session_id, _bearer(authorization))
         return {**shared, "streams": self._absolute(request, shared["streams"])}
 
@@ -351,7 +364,7 @@ class Ingress:
         responses=_errors(400, 401, 403, 404, 413, 415, 422, 503), dependencies=[Depends(_json_body)],
         operation_id="control_session",
     )
-    async def control(self, session_id: str, changes: ControlRequest, authorization: str | None = Header(None)):
+    async def control(self, session_id: str, changes: ControlRequest, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER):
         return await self._call("control", session_id, _bearer(authorization), changes.model_dump(exclude_none=True))
 
     @api.patch(
@@ -361,7 +374,7 @@ class Ingress:
         operation_id="change_session",
     )
     async def change_session(self, session_id: str, changes: SessionChanges, request: Request,
-                             authorization: str | None = Header(None)):
+                             authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER):
         state = await self._call("change", session_id, _bearer(authorization), changes.model_dump(exclude_none=True))
         return {**state, "streams": self._absolute(request, state["streams"])}
 
@@ -370,9 +383,9 @@ class Ingress:
         summary="Download the session's newest finished MP4 recording",
         response_class=Response,
         responses={200: {"content": {"video/mp4": {}}}, **_errors(401, 403, 404, 409, 413, 422, 503, by_ref=True)},
-        operation_id="session_recording",
+        operation_id="session_recording", openapi_extra=HEADER_OR_QUERY,
     )
-    async def recording(self, session_id: str, authorization: str | None = Header(None),
+    async def recording(self, session_id: str, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER,
                         token: str | None = TOKEN_QUERY):
         name, data = await self._call("recording", session_id, _seeing(authorization, token))
         return Response(data, media_type="video/mp4",
@@ -384,7 +397,7 @@ class Ingress:
         summary="End a session: frees its car, queue and stream; answers its final state",
         responses=_errors(401, 403, 404, 413, 422, 503), operation_id="end_session",
     )
-    async def delete_session(self, session_id: str, request: Request, authorization: str | None = Header(None)):
+    async def delete_session(self, session_id: str, request: Request, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER):
         try:
             state = await self._call("delete", session_id, _bearer(authorization))
         except HTTPException as err:
@@ -398,9 +411,9 @@ class Ingress:
         "/sessions/{session_id}/video.mjpg",
         summary="The session's live video: multipart/x-mixed-replace JPEG frames",
         response_class=StreamingResponse,
-        responses=_errors(401, 403, 404, 413, 422, 503), operation_id="session_video",
+        responses=_errors(401, 403, 404, 413, 422, 503), operation_id="session_video", openapi_extra=HEADER_OR_QUERY,
     )
-    async def video(self, session_id: str, authorization: str | None = Header(None), token: str | None = TOKEN_QUERY):
+    async def video(self, session_id: str, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER, token: str | None = TOKEN_QUERY):
         await self._call("get", session_id, _seeing(authorization, token))  # 404 or 401/403 before the stream
 
         async def parts():
@@ -440,14 +453,14 @@ class Ingress:
             200: {"content": {"image/png": {}}}, 204: {"description": "no conditions yet"},
             **_errors(401, 403, 404, 413, 422, 503),
         },
-        operation_id="session_layout",
+        operation_id="session_layout", openapi_extra=HEADER_OR_QUERY,
     )
     # kind is checked after the session (an unknown session is 404 whatever its kind), so the
     # enum is the schema's only: FastAPI would refuse a bad kind before the route runs.
     async def layout(self, session_id: str,
                      kind: str = Query("both", description="map, boxes or both",
                                        json_schema_extra={"enum": list(LAYOUT_KINDS)}),
-                     authorization: str | None = Header(None), token: str | None = TOKEN_QUERY):
+                     authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER, token: str | None = TOKEN_QUERY):
         png = await self._call("layout_png", session_id, kind, _seeing(authorization, token))
         if png is None:
             return Response(status_code=204)

@@ -245,9 +245,6 @@ class Pipeline:
         remove_placement_group(self.group)
 
 
-TRANSPORTS = ("auto", "cpu_communicator")
-
-
 def compile_pipeline(stages: list, on_gpus: bool, transport: str = "auto") -> object:
     """The compiled graph of one round over `stages` (see the module docstring): every stage
     steps on the round's input, each stage b > 0 takes stage b-1's hand-over; the outputs are

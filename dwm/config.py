@@ -20,6 +20,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dwm.settings import GROUPS, check_groups
+
 CONF_DIR = Path(os.environ.get("DWM_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 
 # GlobalHydra is a process-wide singleton and not thread-safe: compose under a lock.
@@ -90,6 +92,9 @@ def compose(overrides: Iterable[str] | Mapping[str, object] | None = None) -> Di
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{err.full_key}: {err.msg}" if getattr(err, "full_key", None) else str(err)) from None
+    problem = check_groups(OmegaConf.to_container(cfg), GROUPS)
+    if problem:
+        raise ConfigError(problem)
     return cfg
 
 

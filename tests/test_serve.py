@@ -496,6 +496,17 @@ def test_openapi_declares_every_answer_of_every_route(api):
     assert set(item["properties"]) == {"loc", "msg", "type"} and set(item["required"]) == {"loc", "msg", "type"}
     detail = spec["components"]["schemas"]["ErrorAnswer"]["properties"]["detail"]
     assert detail["type"] == "array" and detail["items"] == {"$ref": "#/components/schemas/ErrorItem"}
+    # The token is the bearer scheme /docs offers to authorize with: needed by what only the
+    # driver may do, one way among others (`?token=`, public viewing) where a session is seen.
+    scheme, = spec["components"]["securitySchemes"].items()
+    assert scheme[1]["type"] == "http" and scheme[1]["scheme"] == "bearer"
+    bearer = {scheme[0]: []}
+    for route in [("/sessions/{session_id}", "delete"), ("/sessions/{session_id}", "patch"),
+                  ("/sessions/{session_id}/control", "post"), ("/sessions/{session_id}/share", "post")]:
+        assert routes[route]["security"] == [bearer], route
+    for route in [("/sessions", "get"), ("/sessions/{session_id}", "get"), ("/sessions/{session_id}/video.mjpg", "get")]:
+        assert routes[route]["security"] == [bearer, {}], route
+    assert "security" not in routes[("/sessions", "post")]
 
 
 def test_session_ids_are_new_random_64_bits():
@@ -806,7 +817,7 @@ def test_a_driver_turns_the_overlay_off_and_records_while_driving_and_anyone_wat
         ({"pipeline.cfg_parallel": "true", "pipeline.bands": "2"}, "pipeline.cfg_parallel=true runs with pipeline.bands=1"),
         ({"serve.http_port": "8100"}, "python -m deployments serve.http_port=PORT"),
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
-        ({"serve.stage.transport": "pigeon"}, "serve.stage.transport=pigeon: allowed auto, cpu_communicator"),
+        ({"serve.stage.transport": "pigeon"}, "serve.stage.transport=pigeon: must be 'auto' or 'cpu_communicator'"),
         ({"serve.health_check_s": "0"}, "serve.health_check_s"),
         ({"serve.malloc_mmap_threshold": "-1"}, "serve.malloc_mmap_threshold"),
         ({"world.map": "maps/Town99.xodr"}, "world.map='maps/Town99.xodr': no such file"),

@@ -193,9 +193,7 @@ class StreamingPipeline:
     ) -> "StreamingPipeline":
         """The queue of `cfg.pipeline` around the model of `cfg.model` (built here unless
         `model` gives shared components). seed: the queue's noise; default `cfg.seed`."""
-        p = cfg.pipeline
-        if not isinstance(p.batch_bands, bool):
-            raise ConfigError(f"pipeline.batch_bands={p.batch_bands}: must be true or false")
+        p = cfg.pipeline  # its values checked when composed (dwm.settings)
         device, dtype = torch.device(cfg.device), model_dtype(cfg)
         model = model or cls.build_model(cfg)
         try:

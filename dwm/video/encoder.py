@@ -22,10 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import av
 import numpy as np
+
+from dwm.settings import RtspTransport
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ TIME_BASE = Fraction(1, 1000)  # s per pts tick
 # picture ("missing picture in access unit", "no frame!"): closing the stream sends the last
 # picture once more, one frame interval later, without one (`_RtspSink.close`).
 ACCESS_UNIT_DELIMITER = b"\x00\x00\x00\x01\x09\xf0"
-RTSP_TRANSPORTS = ("tcp", "udp")
+RTSP_TRANSPORTS = get_args(RtspTransport)
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
