@@ -336,6 +336,15 @@ def test_a_session_started_elsewhere_is_watched_with_a_viewer_token_and_driven_w
         state = server_state(base, sid, driver)
         assert state["control"]["seq"] == 0 and state["control"]["throttle"] == 0.0  # no control was sent
 
+        # The page lists the session it left, to watch again (no driving with a viewer's token).
+        page.wait_for_function("(id) => document.getElementById('list-items').textContent.includes(id)", arg=sid)
+        assert page.locator("#list-items button").all_text_contents() == ["Watch"]
+        page.click("#list-items button")
+        page.wait_for_function("() => document.getElementById('session').textContent.includes('watching session')")
+        assert viewer in (tab.attr("#video", "src") or "")
+        page.click("#stop")
+        page.wait_for_function("() => document.getElementById('stats').textContent.trim() === 'no session'")
+
         # Driving it with the driver's token: a held W throttles it; leaving keeps it running.
         page.fill("#join-token", driver)
         page.click("#drive")
@@ -346,6 +355,12 @@ def test_a_session_started_elsewhere_is_watched_with_a_viewer_token_and_driven_w
         page.click("#stop")
         page.wait_for_function("() => document.getElementById('stats').textContent.trim() === 'no session'")
         assert [s["id"] for s in sessions(base, driver)] == [sid]
+        # Left, it is listed to watch or drive again with the driver's token.
+        page.wait_for_function("() => document.getElementById('list-items').textContent.includes('Drive')")
+        page.click("#list-items button:text('Drive')")
+        page.wait_for_function("() => document.getElementById('session').textContent.includes('driving session')")
+        page.click("#stop")
+        page.wait_for_function("() => document.getElementById('stats').textContent.trim() === 'no session'")
 
         # A wrong token is refused on the page, with the server's reason.
         page.fill("#join-token", "not-a-token")
