@@ -2,13 +2,16 @@
 
     python -m bench.bench_demo RUN_DIR [--drives 3] [--frames 16] [--out bench/results/demo-quality.md]
 
-RUN_DIR holds `denoiser.safetensors` and `vae.safetensors` (`python -m dwm.train`). Each drive
-is a seed never used in training (a map in turn), the ego on autopilot, the world's rasterised
-cameras on. For every generated frame (the decoded views at the output size) against the
-world's own picture of the same moment:
-- PSNR and SSIM (scikit-image) of the views, against the frame's own pictures and, as the
-  floor a picture that ignores its conditions would reach, against shuffled ones: the views
-  in another order, and the pictures of a frame 8 frames away;
+RUN_DIR holds `denoiser.safetensors` and `vae.safetensors` (`python -m dwm.train`); without
+it, the weights shipped with `model=demo`. Each drive is a seed never used in training (a map
+in turn), the ego on autopilot, the world's rasterised cameras on. For every generated frame
+(the decoded views at the output size) against the world's own picture of the same moment
+(`dwm.train.quality`):
+- PSNR and SSIM of the views, against the frame's own pictures and, as the floor a picture
+  that ignores its conditions would reach, against shuffled ones: the views in another
+  order, and the pictures of a frame 8 frames away;
+- per-class agreement: the share of pixels inside the vehicles' projected boxes, and of road
+  pixels below the horizon, whose generated colour is close to the rendered one;
 - temporal change: the mean absolute change of the generated views from frame to frame,
   against that of the world's pictures.
 The same for the architecture with random weights (the floor of everything). Prints a table
@@ -23,66 +26,33 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from dwm.conditions.builder import ConditionBuilder
-from dwm.config import compose, instantiate
-from dwm.pipelines.streaming import StreamingPipeline
-from dwm.session import DrivingSession
+from dwm.train.quality import HELD_OUT_SEED, change, drive, figures, frames_away, shuffled_views
 
-MAPS = ("highway", "merge", "roundabout", "intersection")
-HELD_OUT_SEED = 10_000  # training draws its worlds' seeds from its own generator; these are apart
 SHIFT_FRAMES = 8
+COMPARED = ("own", "views shuffled", f"{SHIFT_FRAMES} frames away")
 
 
-def drive(overrides: list[str], seed: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """(generated (F, V, h, w, 3), rendered (F, V, h, w, 3)) uint8 of one held-out drive."""
-    cfg = compose([*overrides, f"world.seed={seed}", f"world.map={MAPS[seed % len(MAPS)]}",
-                   "world.attach_cameras=true", "world.vehicles=16"])
-    world = instantiate(cfg, "world")
-    builder = ConditionBuilder.from_config(cfg)
-    pipeline = StreamingPipeline.from_config(cfg, views=builder.num_views)
-    session = DrivingSession.start(world, builder, pipeline.depth, ego_id="ego", autopilot=True)
-    generated, rendered = [], []
-    while len(generated) < frames:
-        for frame in session.step(world, pipeline):
-            views = frame.images.numpy() if hasattr(frame.images, "numpy") else np.asarray(frame.images)
-            h, w = views.shape[1:3]
-            generated.append(views)
-            rendered.append(np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_AREA)
-                                      for c in frame.conditions.camera_images]))
-        world.tick()
-    world.close()
-    return np.stack(generated[:frames]), np.stack(rendered[:frames])
+def compared(generated: np.ndarray, rendered: np.ndarray, vehicles: np.ndarray) -> dict[str, dict[str, float]]:
+    """The figures of generated views against their own frames' pictures and the floors."""
+    return {
+        "own": figures(generated, rendered, vehicles),
+        "views shuffled": figures(generated, shuffled_views(rendered), shuffled_views(vehicles)),
+        f"{SHIFT_FRAMES} frames away": figures(generated, frames_away(rendered, SHIFT_FRAMES),
+                                               frames_away(vehicles, SHIFT_FRAMES)),
+    }
 
 
-def scores(generated: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    """Mean PSNR (dB) and SSIM over frames and views."""
-    psnr, ssim = [], []
-    for g_frame, t_frame in zip(generated, target):
-        for g, t in zip(g_frame, t_frame):
-            psnr.append(peak_signal_noise_ratio(t, g, data_range=255))
-            ssim.append(structural_similarity(t, g, channel_axis=-1, data_range=255))
-    return float(np.mean(psnr)), float(np.mean(ssim))
-
-
-def change(frames: np.ndarray) -> float:
-    """Mean absolute change from frame to frame, grey levels."""
-    return float(np.abs(np.diff(frames.astype(np.float32), axis=0)).mean())
-
-
-def evaluate(overrides: list[str], drives: int, frames: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    rows = {"own": [], "views shuffled": [], f"{SHIFT_FRAMES} frames away": [], "change": [], "rendered change": []}
-    first = None
+def evaluate(overrides: list[str], drives: int, frames: int) -> tuple[dict, float, np.ndarray, np.ndarray]:
+    """Figures averaged over drives, the temporal change ratio, and the first drive's frames."""
+    runs, ratios, first = [], [], None
     for k in range(drives):
-        generated, rendered = drive(overrides, HELD_OUT_SEED + k, frames)
+        generated, rendered, vehicles = drive(overrides, HELD_OUT_SEED + k, frames)
         first = first or (generated, rendered)
-        rows["own"].append(scores(generated, rendered))
-        rows["views shuffled"].append(scores(generated, np.roll(rendered, 1, axis=1)))
-        rows[f"{SHIFT_FRAMES} frames away"].append(scores(generated, np.roll(rendered, SHIFT_FRAMES, axis=0)))
-        rows["change"].append(change(generated))
-        rows["rendered change"].append(change(rendered))
-    return {k: np.mean(v, axis=0) for k, v in rows.items()}, *first
+        runs.append(compared(generated, rendered, vehicles))
+        ratios.append(change(generated) / max(change(rendered), 1e-6))
+    mean = {c: {m: float(np.nanmean([r[c][m] for r in runs])) for m in runs[0][c]} for c in COMPARED}
+    return mean, float(np.mean(ratios)), *first
 
 
 def strip(generated: np.ndarray, rendered: np.ndarray, count: int = 8) -> np.ndarray:
@@ -95,27 +65,29 @@ def strip(generated: np.ndarray, rendered: np.ndarray, count: int = 8) -> np.nda
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="folder with denoiser.safetensors and vae.safetensors")
+    parser.add_argument("run", type=Path, nargs="?", default=None,
+                        help="folder with denoiser.safetensors and vae.safetensors (default: the shipped weights)")
     parser.add_argument("--drives", type=int, default=3)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    trained = ["model=demo", f"model.checkpoint={args.run / 'denoiser.safetensors'}",
-               f"model.vae.checkpoint={args.run / 'vae.safetensors'}"]
+    trained = ["model=demo"] + ([f"model.checkpoint={args.run / 'denoiser.safetensors'}",
+                                 f"model.vae.checkpoint={args.run / 'vae.safetensors'}"] if args.run else [])
     random = ["model=demo", "model.checkpoint=null", "model.random_weights=true", "model.vae.checkpoint=null"]
     results = {}
     for name, overrides in (("trained", trained), ("random weights", random)):
-        results[name], generated, rendered = evaluate(overrides, args.drives, args.frames)
+        *results[name], generated, rendered = evaluate(overrides, args.drives, args.frames)
         if name == "trained":
             picture = strip(generated, rendered)
-    lines = [f"Held-out drives: {args.drives} x {args.frames} frames (seeds {HELD_OUT_SEED}..), weights {args.run}", "",
-             "| weights | PSNR own | PSNR views shuffled | PSNR 8 frames away | SSIM own | SSIM views shuffled "
-             "| SSIM 8 frames away | change / rendered change |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        shifted = r[f"{SHIFT_FRAMES} frames away"]
-        lines.append(f"| {name} | {r['own'][0]:.2f} | {r['views shuffled'][0]:.2f} | {shifted[0]:.2f} | "
-                     f"{r['own'][1]:.3f} | {r['views shuffled'][1]:.3f} | {shifted[1]:.3f} | "
-                     f"{r['change'] / r['rendered change']:.2f} |")
+    lines = [f"Held-out drives: {args.drives} x {args.frames} frames (seeds {HELD_OUT_SEED}..), "
+             f"weights {args.run or 'shipped'}", "",
+             "| weights | against | PSNR dB | SSIM | vehicles agree | road agrees | change / rendered change |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (by, ratio) in results.items():
+        for against in COMPARED:
+            r = by[against]
+            lines.append(f"| {name} | {against} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['vehicles']:.3f} | "
+                         f"{r['road']:.3f} | {ratio:.2f} |")
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
