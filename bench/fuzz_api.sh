@@ -48,10 +48,14 @@ start_app() {
     echo "the app did not answer on port $port"; exit 1
 }
 
+all_phases=${FUZZ_PHASES:-examples,coverage,fuzzing stateful}
 status=0
-for phases in examples,coverage,fuzzing stateful; do
+for phases in $all_phases; do
     start_app "$phases"
-    "$venv/bin/schemathesis" run "http://127.0.0.1:$port/openapi.json" --checks all --phases "$phases" \
+    # In the stateful phase the tokens come from the app's answers, through the links: real
+    # credentials (bench/fuzz_hooks.py).
+    hooks=; [ "$phases" = stateful ] && hooks=bench.fuzz_hooks
+    SCHEMATHESIS_HOOKS=$hooks PYTHONPATH=. "$venv/bin/schemathesis" run "http://127.0.0.1:$port/openapi.json" --checks all --phases "$phases" \
         --max-examples "$examples" --request-timeout 30 --no-color > "$out/$phases.txt" 2>&1 || status=1
     stop_app
 done
@@ -59,7 +63,7 @@ done
 echo
 echo "| phases | test cases | failures | warnings |"
 echo "|---|---|---|---|"
-for phases in examples,coverage,fuzzing stateful; do
+for phases in $all_phases; do
     f="$out/$phases.txt"
     cases=$(grep -Eo '[0-9]+ generated' "$f" | tail -1 | cut -d' ' -f1 || true)
     failures=$(grep -Eo 'found [0-9]+ unique' "$f" | tail -1 | cut -d' ' -f2 || true)

@@ -477,9 +477,11 @@ class SessionManager:
         return served
 
     def _authorised(self, session_id: str, token: str | None) -> ServedSession:
-        served = self._served(session_id)
+        # No token is refused before the session is looked up: what only a driver may do
+        # answers 401 to a request without credentials, whether or not the session exists.
         if not token:
             raise MissingToken("this needs the session's token: send the header `Authorization: Bearer <token>`")
+        served = self._served(session_id)
         if not served.may_drive(token):
             raise WrongToken(f"the token is not the one of driving session {session_id!r}")
         return served

@@ -362,6 +362,12 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
         requests.delete(f"{base}/sessions/nosuch", headers={"Authorization": f"Bearer {a['token']}"}, timeout=30),
     ):
         assert "nosuch" in refusal(r, 404)
+    # What only a driver may do asks for credentials first: without a token, 401 whether or
+    # not the session exists (after a DELETE, a retry without the token is still 401).
+    for r in (requests.delete(f"{base}/sessions/nosuch", timeout=30),
+              requests.post(f"{base}/sessions/nosuch/control", json={"steer": 0.1}, timeout=30),
+              requests.post(f"{base}/sessions/nosuch/share", timeout=30)):
+        assert "Authorization: Bearer" in refusal(r, 401)
 
     # Out of range, wrong types, unknown fields: 422 saying what is allowed.
     for changes, field, allowed in (
