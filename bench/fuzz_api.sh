@@ -41,7 +41,11 @@ start_app() {
     "$python" -m deployments serve.http_port="$port" serve.max_sessions=4 > "$out/app-$1.log" 2>&1 &
     app_pid=$!
     for _ in $(seq 600); do
-        if curl -sf "http://127.0.0.1:$port/openapi.json" > /dev/null; then return; fi
+        # Ready when the app says so: the Ingress answers before the replicas behind it are up,
+        # and the first request would wait for them (and fail the response-time check).
+        if grep -q "^serving '" "$out/app-$1.log" && curl -sf "http://127.0.0.1:$port/openapi.json" > /dev/null; then
+            return
+        fi
         kill -0 "$app_pid" 2>/dev/null || { tail -20 "$out/app-$1.log"; exit 1; }
         sleep 1
     done
