@@ -48,7 +48,7 @@ def test_the_fps_condition_follows_the_worlds_tick(overrides, fps):
         (["world.dt=0.2", "pipeline.fps=10.0"], ["pipeline.fps=10.0", "world.dt=0.2 s is 5.0 fps", "or 5.0"]),
         (["world=carla", "world.fixed_delta_seconds=0.05", "pipeline.fps=10"],
          ["pipeline.fps=10.0", "world.fixed_delta_seconds=0.05 s is 20.0 fps", "or 20.0"]),
-        (["pipeline.fps=-1"], ["pipeline.fps=-1", "positive"]),
+        (["pipeline.fps=-1"], ["pipeline.fps=-1", "must be greater than 0"]),
     ],
 )
 def test_an_explicit_fps_that_disagrees_with_the_world_is_refused_naming_both(overrides, named):
