@@ -56,7 +56,7 @@ def test_an_explicit_fps_that_disagrees_with_the_world_is_refused_naming_both(ov
         condition_fps(compose(overrides))
     for words in named:
         assert words in str(error.value)
-    assert "pipeline.fps=null" in str(error.value) or "positive" in str(error.value)
+    assert "pipeline.fps=null" in str(error.value) or "greater than 0" in str(error.value)
 
 
 def test_a_config_without_a_world_tick_is_refused():
