@@ -4,8 +4,10 @@ id, tokens, options, publisher and stream paths), and reading the errors other a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import asdict
 
@@ -17,6 +19,40 @@ from dwm.session import DrivingSession
 from dwm.world.base import UnknownEgoError, WorldUnavailableError
 
 MAX_VIEW_TOKENS = 64  # viewer tokens per session (its own included)
+
+
+MAX_ENDED_REMEMBERED = 4096  # ended sessions whose driver still hears "ended" (the oldest are forgotten)
+
+
+class EndedSessions:
+    """The ids of the sessions that ended most recently, each with a digest of its driver's
+    token (not the token): the driver asking after an ended session hears that it ended
+    (404), anyone else that their token is not its (403), as while it ran; and new sessions
+    do not take these ids. Bounded: past `limit`, the oldest are forgotten."""
+
+    def __init__(self, limit: int = MAX_ENDED_REMEMBERED):
+        self.limit = limit
+        self._digests: OrderedDict[str, bytes] = OrderedDict()
+
+    def add(self, session_id: str, token: str) -> None:
+        self._digests[session_id] = _digest(token)
+        while len(self._digests) > self.limit:
+            self._digests.popitem(last=False)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._digests
+
+    def __iter__(self):
+        return iter(self._digests)
+
+    def ended_by(self, session_id: str, token: str | None) -> bool:
+        """Whether `token` was the driver's token of the ended session `session_id`."""
+        digest = self._digests.get(session_id)
+        return bool(token) and digest is not None and secrets.compare_digest(_digest(token), digest)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def new_session_id(taken: Container[str], draw: Callable[[], str] = lambda: secrets.token_hex(8)) -> str:

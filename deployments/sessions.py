@@ -32,10 +32,9 @@ from deployments.logs import route_library_logs
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
 from deployments.schemas import LAYOUT_KINDS
 from deployments.served import (
-    MAX_VIEW_TOKENS, ServedSession, actor_died, cause_of, new_session_id, unknown_ego, world_unavailable,
+    MAX_VIEW_TOKENS, EndedSessions, ServedSession, actor_died, cause_of, new_session_id, unknown_ego, world_unavailable,
 )
 from dwm.conditions.builder import ConditionBuilder
-from dwm.conditions.frame import ConditionFrame
 from dwm.conditions.packed import PackedConditions
 from dwm.models.checkpoint import weights_summary
 from dwm.session import DrivingSession
@@ -62,6 +61,7 @@ class SessionManager:
         self.cfg: DictConfig = OmegaConf.create(cfg)
         self.world, self.denoiser = world, denoiser
         self.sessions: dict[str, ServedSession] = {}
+        self.ended = EndedSessions()
         self.model = weights_summary(self.cfg)
         # Sessions are private: seeing one takes its driver's or a viewer's token, unless this
         # says anyone may (a local demo).
@@ -135,11 +135,11 @@ class SessionManager:
         observed = await self.world.observe_many.remote([session.ego_id for session in sessions.values()])
         observations = {key: observed[session.ego_id] for key, session in sessions.items()}
 
-        def build() -> tuple[dict[str, ConditionFrame], dict[str, PackedConditions]]:
-            built = {key: session.build(observations[key], self.realtime) for key, session in sessions.items()}
-            return built, {key: PackedConditions.pack(frame) for key, frame in built.items()}
+        def build() -> dict[str, PackedConditions]:
+            return {key: session.build(observations[key], self.realtime) for key, session in sessions.items()}
 
-        conditions, packed = await asyncio.to_thread(build)
+        conditions = await asyncio.to_thread(build)
+        packed = {key: frame.without_cameras() for key, frame in conditions.items()}  # what the model takes
         tick = None if self.realtime else self.world.tick.remote()  # lockstep: one tick per round
         # The last round's frames first: a queue it finds rebuilt loses what was pushed up to
         # it, not these conditions, which go into the new queue.
@@ -294,7 +294,7 @@ class SessionManager:
             self._starting -= 1
 
     async def _start(self, options: dict, record_dir: str | None) -> dict:
-        session_id = new_session_id(self.sessions)
+        session_id = new_session_id(self.sessions.keys() | set(self.ended))
         token = secrets.token_urlsafe(18)
         autopilot = options.get("autopilot")
         autopilot = bool(self.cfg.serve.autopilot) if autopilot is None else autopilot
@@ -424,6 +424,7 @@ class SessionManager:
         """End the session; returns its final state (the video fully written by then)."""
         served = self._authorised(session_id, token)
         del self.sessions[session_id]
+        self.ended.add(session_id, served.token)
         async with self._round:  # no round is using it once this is free ...
             await self._frames_out()  # ... and its last frames have reached its publisher
         await self._release(served)
@@ -461,9 +462,10 @@ class SessionManager:
             return None
 
         def encode() -> bytes:
-            images = {"map": conditions.map_images, "boxes": conditions.box_images}.get(kind)
+            frame = conditions.unpack()
+            images = {"map": frame.map_images, "boxes": frame.box_images}.get(kind)
             if images is None:
-                images = conditions.map_images.maximum(conditions.box_images)
+                images = frame.map_images.maximum(frame.box_images)
             return encode_png(compose_strip(to_uint8_views(images, images.shape[-2:])))
 
         return await asyncio.to_thread(encode)
@@ -481,6 +483,10 @@ class SessionManager:
         # answers 401 to a request without credentials, whether or not the session exists.
         if not token:
             raise MissingToken("this needs the session's token: send the header `Authorization: Bearer <token>`")
+        if session_id in self.ended:  # its driver hears that it ended; anyone else, as before
+            if self.ended.ended_by(session_id, token):
+                raise SessionNotFound(f"driving session {session_id!r} has ended")
+            raise WrongToken(f"the token is not the one of driving session {session_id!r}")
         served = self._served(session_id)
         if not served.may_drive(token):
             raise WrongToken(f"the token is not the one of driving session {session_id!r}")

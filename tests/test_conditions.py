@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dwm.conditions.builder import ConditionBuilder
+from dwm.conditions.packed import PackedConditions
 from dwm.conditions.caption import caption, time_of_day, weather_words
 from dwm.world.carla_pose import carla_transform_matrix, world_from_carla_vehicle
 from dwm.world.rig import CAMERA_PARAM_NAMES
@@ -170,6 +172,24 @@ def test_output_shapes_and_ranges(builder3):
         assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     assert frame.layout.shape == (3, 6, 176, 304)
     assert frame.num_views == 3 and len(frame.captions) == 3 and frame.sim_time == 4.2
+
+
+def test_packed_conditions_are_the_built_ones_bit_for_bit_and_small(builder3):
+    obs = observe(boxes(("car", (15.0, 0.0), CAR)), lines(straight(MapKind.LANE_LINE, 1.8, 3, 40)), sim_time=4.2)
+    pictures = {name: np.full((90, 160, 3), k * 60, np.uint8) for k, name in enumerate(builder3.rig.names)}
+    obs = replace(obs, camera_images=pictures)
+    frame, packed = builder3.build(obs, fps=5.0), builder3.build_packed(obs, fps=5.0)
+    for again in (packed.unpack(), PackedConditions.pack(frame).unpack()):
+        assert torch.equal(again.box_images, frame.box_images) and torch.equal(again.map_images, frame.map_images)
+        assert torch.equal(again.camera_params, frame.camera_params) and again.camera_params[0, 0] == 5.0
+        assert again.captions == frame.captions and again.sim_time == 4.2
+        assert np.array_equal(again.camera_images, frame.camera_images)
+        assert again.camera_images.shape == (3, 176, 304, 3)
+    model_side = packed.without_cameras()
+    assert model_side.camera_images is None and model_side.unpack().camera_images is None
+    assert torch.equal(model_side.unpack().layout, frame.layout)
+    # What waits in a queue for every frame in flight: a small part of the float32 images.
+    assert model_side.nbytes * 20 < frame.layout.numel() * 4
 
 
 # --- projection and drawing ----------------------------------------------------------------

@@ -34,7 +34,7 @@ from deployments import metrics as app_metrics
 from dwm.client.api import ApiError, SessionClient
 from dwm.client.session import Session
 from dwm.client.wheel import DEFAULT_AXES, Axis, Wheel, drive
-from deployments.served import new_session_id
+from deployments.served import EndedSessions, new_session_id
 from dwm.config import ConfigError
 from dwm.envs import DrivingEnv
 from dwm.session import DrivingSession
@@ -280,6 +280,11 @@ def test_deleting_one_session_leaves_the_other_running(api):
     reader.close()
     assert requests.get(f"{api.base}/sessions/{a['id']}", headers={"Authorization": f"Bearer {a['token']}"},
                         timeout=30).status_code == 404
+    # What only its driver may do: the driver hears it has ended, another token is still not its.
+    again = requests.delete(f"{api.base}/sessions/{a['id']}", headers={"Authorization": f"Bearer {a['token']}"}, timeout=30)
+    assert "has ended" in refusal(again, 404)
+    assert refusal(requests.delete(f"{api.base}/sessions/{a['id']}", headers={"Authorization": f"Bearer {b['token']}"},
+                                   timeout=30), 403)
     assert requests.get(f"{api.base}/sessions", headers={"Authorization": f"Bearer {a['token']}"}, timeout=30).json() == []
     assert [s["id"] for s in requests.get(f"{api.base}/sessions", headers=api.auth(b["id"]), timeout=30).json()] == [b["id"]]
 
@@ -522,6 +527,16 @@ def test_session_ids_are_new_random_64_bits():
     assert len(ids) == 100 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
 
 
+def test_ended_sessions_are_remembered_by_a_token_digest_and_bounded():
+    ended = EndedSessions(limit=2)
+    for n in range(3):
+        ended.add(f"{n:016x}", f"token-{n}")
+    assert list(ended) == [f"{1:016x}", f"{2:016x}"]  # the oldest forgotten
+    assert ended.ended_by(f"{2:016x}", "token-2") and not ended.ended_by(f"{2:016x}", "token-1")
+    assert not ended.ended_by(f"{2:016x}", None) and not ended.ended_by(f"{2:016x}", "t\u00e9\udcff")
+    assert "token-2" not in repr(vars(ended))
+
+
 def test_fps_of_a_slow_session_is_measured_from_its_last_frames():
     # 0.2 frames/s: never two frames in serve.fps_window (5 s) between frames, still 0.2 fps.
     now = [0.0]
@@ -529,7 +544,8 @@ def test_fps_of_a_slow_session_is_measured_from_its_last_frames():
 
     def frame_out(at: float) -> None:
         now[0] = at
-        session.pushed(SimpleNamespace(sim_time=at), SimpleNamespace(sim_time=at), 0)
+        conditions = SimpleNamespace(sim_time=at)
+        session.pushed(SimpleNamespace(sim_time=at), SimpleNamespace(sim_time=at, unpack=lambda: conditions), 0)
         assert len(session.delivered([SimpleNamespace(index=session.frames_out, images=None)])) == 1
 
     frame_out(0.0)

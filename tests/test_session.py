@@ -188,7 +188,7 @@ def test_a_control_landing_while_the_ego_is_observed_is_not_claimed_by_that_fram
     observation = world.observe(session.ego_id)
     conditions = session.build(observation)
     session.pushed(observation, conditions, seen)
-    session.delivered(pipeline.push(conditions))
+    session.delivered(pipeline.push(conditions.unpack()))
     world.tick()
     for _ in range(2):
         session.step(world, pipeline)

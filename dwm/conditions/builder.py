@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from dwm.conditions.caption import caption, object_words
 from dwm.conditions.colours import BOX_COLOURS, MAP_COLOURS
-from dwm.conditions.frame import ConditionFrame
+from dwm.conditions.frame import ConditionFrame, layout_floats
+from dwm.conditions.packed import PackedConditions
 from dwm.geometry.projection import BOX_EDGES, box_corners, project_segments
 from dwm.geometry.raster import PEN_WIDTH, clip_to_window, draw_lines, visible_in_image
 from dwm.world.rig import CameraRig
@@ -159,25 +160,39 @@ class ConditionBuilder:
         `ego_pose` (4, 4) world <- ego (rear axle on the ground; default: the identity, i.e.
         boxes and lines given in the ego frame)."""
         canvases, objects = self._render(np.eye(4) if ego_pose is None else ego_pose, boxes, map_lines)
-        images = self._resize(canvases)
+        images = layout_floats(self._resize(canvases))
         return Layout(images[: self.num_views], images[self.num_views :], torch.from_numpy(self._camera_params.copy()), objects)
 
     def build(self, obs: Observation, fps: float | None = None) -> ConditionFrame:
         """The conditions of `obs` for every view; fps overrides the fps scalar (realtime clock)."""
-        canvases, objects = self._render(obs.ego_pose, obs.boxes, obs.map_lines)
-        images = self._resize(canvases)  # (2V, 3, H, W)
-        params = self._camera_params
-        if fps is not None and fps != self.fps:
-            params = params.copy()
-            params[:, 0] = fps
+        pixels, params, captions, cameras = self._moment(obs, fps)
+        images = layout_floats(pixels)  # (2V, 3, H, W)
         return ConditionFrame(
             box_images=images[: self.num_views],
             map_images=images[self.num_views :],
-            camera_params=torch.from_numpy(params.copy()),
-            captions=[caption(obs.weather, obs.environment, words) for words in objects],
+            camera_params=torch.from_numpy(params),
+            captions=captions,
             sim_time=float(obs.sim_time),
-            camera_images=self._camera_images(obs.camera_images),
+            camera_images=cameras,
         )
+
+    def build_packed(self, obs: Observation, fps: float | None = None) -> PackedConditions:
+        """`build(obs, fps)` packed, made without its float32 images: what the Serve app keeps
+        for every frame in a queue (about 12 KB against about 4 MB at the default size)."""
+        pixels, params, captions, cameras = self._moment(obs, fps)
+        layout = np.concatenate([pixels[: self.num_views], pixels[self.num_views :]], axis=1)  # (V, 6, H, W)
+        return PackedConditions.from_pixels(layout, params, captions, float(obs.sim_time), cameras)
+
+    def _moment(self, obs: Observation, fps: float | None):
+        """Layout pixels (2V, 3, H, W) uint8 (boxes then maps), camera scalars (V, 11)
+        float32 (a new array), captions, the world's pictures (or None)."""
+        canvases, objects = self._render(obs.ego_pose, obs.boxes, obs.map_lines)
+        pixels = self._resize(canvases)
+        params = self._camera_params.copy()
+        if fps is not None and fps != self.fps:
+            params[:, 0] = fps
+        captions = [caption(obs.weather, obs.environment, words) for words in objects]
+        return pixels, params, captions, self._camera_images(obs.camera_images)
 
     def _camera_images(self, pictures: dict[str, np.ndarray] | None) -> np.ndarray | None:
         """The world's pictures (camera name -> (h, w, 3) uint8) in view order, at the model
@@ -197,9 +212,9 @@ class ConditionBuilder:
         canvases, objects = self._render(obs.ego_pose, obs.boxes, obs.map_lines)
         return NativeLayout(boxes=canvases[0], maps=canvases[1], objects=objects)
 
-    def _resize(self, canvases: np.ndarray) -> torch.Tensor:
-        """(2, V, h, w, 3) uint8 native canvases -> (2V, 3, H, W) float32 at the resolution."""
-        return resize_layouts(canvases.reshape((2 * self.num_views,) + canvases.shape[2:]), self.resolution)
+    def _resize(self, canvases: np.ndarray) -> np.ndarray:
+        """(2, V, h, w, 3) uint8 native canvases -> (2V, 3, H, W) uint8 at the resolution."""
+        return resize_layout_pixels(canvases.reshape((2 * self.num_views,) + canvases.shape[2:]), self.resolution)
 
     def _render(self, ego_pose, boxes: Boxes, map_lines: MapLines) -> tuple[np.ndarray, list[list[str]]]:
         """Canvases (2, V, H, W, 3) uint8 (boxes, maps) and the caption objects per view."""
@@ -317,8 +332,8 @@ def _map_arrays(lines: MapLines) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, ends, kinds
 
 
-def resize_layouts(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, h, w) float32 in [0, 1], size = (h, w).
+def resize_layout_pixels(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, h, w) uint8, size = (h, w).
 
     Antialiased bilinear on uint8, which is PIL's bilinear resize (the reference's
     torchvision `Resize` on PIL images) to within one grey level.
@@ -326,8 +341,10 @@ def resize_layouts(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # channels-last view, no copy
     if tuple(pixels.shape[-2:]) != tuple(size):
         pixels = F.interpolate(pixels, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    # The uint8 -> float step in numpy: torch's multi-threaded elementwise kernels cost
-    # milliseconds here on a busy 2-core machine, numpy's single thread about 0.3 ms.
-    scaled = pixels.numpy().astype(np.float32, order="C")
-    scaled *= np.float32(1.0 / 255.0)
-    return torch.from_numpy(scaled)
+    return np.ascontiguousarray(pixels.numpy())
+
+
+def resize_layouts(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, h, w) float32 in [0, 1], size = (h, w): the layout
+    images the model takes (`resize_layout_pixels`, then `layout_floats`)."""
+    return layout_floats(resize_layout_pixels(images, size))
