@@ -1,8 +1,11 @@
 """The app builder: `serve run deployments:app key=value ...` composes `conf/` and binds the topology.
 
-    client --HTTP--> Ingress --> SessionManager --+--> World      (one world for all egos, or one each)
-                                 (sessions,       +--> QueueServer   (the model, every queue)
-                                  publishers)
+    client --HTTP--> Ingress --> SessionManager --+--> World       (worlds by group of sessions)
+                     (stateless, (owners: sessions, +--> QueueServer (the model, every queue)
+                      replicas)   publishers)
+
+A request about a session goes to the SessionManager replica that owns it, a call about a car
+to the World replica that holds it (`deployments.routing.OwnerRouter`).
 
 `deployments.app({"world.map": "merge"})` is what `serve run deployments:app world.map=merge` does.
 """
@@ -13,8 +16,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.queue_server import QueueServer
+from deployments.routing import OwnerRouter
 from deployments.ingress import Ingress
 from deployments.sessions import SessionManager
 from deployments.settings import ServeSettings
@@ -56,16 +61,22 @@ def app(args: dict[str, str] | None = None) -> Application:
     def actor(**resources) -> dict:
         return {**resources, "runtime_env": {"env_vars": env}} if env else resources
 
-    world = WorldActor.options(ray_actor_options=actor(num_cpus=s.world.num_cpus), **stop).bind(plain)
+    # Owners report their load every second (`record_routing_stats`): where new things go.
+    by_owner = RequestRouterConfig(request_router_class=OwnerRouter, request_routing_stats_period_s=1.0)
+    world = WorldActor.options(
+        num_replicas=int(s.world.replicas), ray_actor_options=actor(num_cpus=s.world.num_cpus),
+        request_router_config=by_owner, **stop,
+    ).bind(plain)
     denoiser = QueueServer.options(
         ray_actor_options=actor(num_cpus=s.denoiser.num_cpus, num_gpus=s.denoiser.num_gpus), **stop
     ).bind(plain)
-    sessions = SessionManager.options(ray_actor_options=actor(num_cpus=s.sessions.num_cpus), **stop).bind(
-        world, denoiser, plain
-    )
+    sessions = SessionManager.options(
+        num_replicas=int(s.sessions.owners), ray_actor_options=actor(num_cpus=s.sessions.num_cpus),
+        request_router_config=by_owner, **stop,
+    ).bind(world, denoiser, plain)
     return Ingress.options(
         num_replicas=int(s.ingress.replicas), ray_actor_options=actor(num_cpus=s.ingress.num_cpus), **stop
-    ).bind(sessions, s.max_body_bytes, allowed_hosts(cfg))
+    ).bind(sessions, s.max_body_bytes, allowed_hosts(cfg), int(s.sessions.owners))
 
 
 def anchor_world_map(cfg: DictConfig) -> None:

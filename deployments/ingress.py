@@ -19,7 +19,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.errors import SessionError, SessionLost, SessionNotFound
+from deployments.errors import SessionError
+from deployments.routing import key_for, slot_key
 from deployments.schemas import (
     ControlRequest,
     ControlState,
@@ -33,7 +34,6 @@ from deployments.schemas import (
     allowed_values,
 )
 
-MAX_REMEMBERED = 100_000  # session ids the Ingress remembers having started (about 10 MB)
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page.html")  # the browser page: plain HTML and JS, no build step
 MJPEG_BOUNDARY = "frame"
@@ -280,28 +280,27 @@ def _seeing(credentials: HTTPAuthorizationCredentials | None, token: str | None)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, sessions: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 allowed_hosts: list[str] | None = None):
+                 allowed_hosts: list[str] | None = None, owners: int = 1):
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"serve.max_body_bytes={max_body_bytes!r}: must be a whole number >= 1")
         BodyLimit.max_bytes = max_body_bytes
         AllowedHosts.hosts = list(allowed_hosts) if allowed_hosts else ["*"]
         self.sessions = sessions
+        self.owners = owners
         self.page_html = PAGE.read_text()
-        # The sessions started here and not ended: one the session manager no longer knows
-        # was lost with a session manager that died, and is answered so.
-        self.started: dict[str, None] = {}
 
-    async def _call(self, method: str, *args):
-        """Call the SessionManager; a refusal (SessionError) becomes an HTTP answer with its reason."""
+    def _owner(self, key: str) -> DeploymentHandle:
+        return self.sessions.options(multiplexed_model_id=key)
+
+    async def _call(self, method: str, *args, key: str | None = None):
+        """Call the SessionManager that owns the session named first in `args` (or the one
+        `key` routes to); a refusal (SessionError) becomes an HTTP answer with its reason."""
         try:
-            result = await getattr(self.sessions, method).remote(*args)
+            result = await getattr(self._owner(key_for(args[0]) if key is None else key), method).remote(*args)
         except Exception as err:  # the session manager died in the call: answer, do not crash
             log.warning("the session manager failed on %s: %s", method, err)
             raise HTTPException(503, [_item([], "the session manager did not answer (it is being restarted); "
                                              "try again in a few seconds", "session_manager_unavailable")]) from None
-        if isinstance(result, SessionNotFound) and args and args[0] in self.started:
-            result = SessionLost(f"driving session {args[0]!r} was lost: the session manager that held it "
-                                 "stopped and a new one took its place; start a new session (POST /sessions)")
         if isinstance(result, SessionError):
             headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_S)}}.get(result.status)
             raise HTTPException(result.status, result.detail(), headers=headers)
@@ -325,10 +324,23 @@ class Ingress:
         dependencies=[Depends(_json_body)], operation_id="start_session",
     )
     async def create_session(self, request: Request, options: SessionOptions | None = Body(None)):
-        created = await self._call("create", (options or SessionOptions()).model_dump())
-        self.started[created["id"]] = None
-        while len(self.started) > MAX_REMEMBERED:
-            del self.started[next(iter(self.started))]  # the oldest
+        # To the session owner with the fewest sessions; one that is full (its load report was
+        # old) hands it to the others in turn.
+        wanted = (options or SessionOptions()).model_dump()
+        try:
+            created = await self._call("create", wanted, key="")
+        except HTTPException as full:
+            if full.status_code != 429 or self.owners == 1:
+                raise
+            for k in range(self.owners):
+                try:
+                    created = await self._call("create", wanted, key=slot_key(k))
+                    break
+                except HTTPException as err:
+                    if err.status_code != 429:
+                        raise
+            else:
+                raise full from None
         return {**created, "streams": self._absolute(request, created["streams"])}
 
     @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422, 503),
@@ -336,7 +348,11 @@ class Ingress:
              summary="The driving sessions the token given may see (all of them with serve.public_viewing)")
     async def list_sessions(self, request: Request, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER,
                             token: str | None = TOKEN_QUERY):
-        states = await self._call("list", _seeing(authorization, token))
+        seeing = _seeing(authorization, token)
+        # One owner after the other: calls made at once from one request share its request
+        # id, which Serve's router matches them by (`deployments.routing`).
+        parts = [await self._call("list", seeing, key=slot_key(k)) for k in range(self.owners)]
+        states = list({s["id"]: s for part in parts for s in part}.values())  # an owner asked twice counts once
         return [{**s, "streams": self._absolute(request, s["streams"])} for s in states]
 
     @api.get(
@@ -398,13 +414,7 @@ class Ingress:
         responses=_errors(401, 403, 404, 413, 422, 503), operation_id="end_session",
     )
     async def delete_session(self, session_id: str, request: Request, authorization: HTTPAuthorizationCredentials | None = TOKEN_HEADER):
-        try:
-            state = await self._call("delete", session_id, _bearer(authorization))
-        except HTTPException as err:
-            if err.status_code == 404:
-                self.started.pop(session_id, None)  # said once, as it is ended now
-            raise
-        self.started.pop(session_id, None)
+        state = await self._call("delete", session_id, _bearer(authorization))
         return {**state, "streams": self._absolute(request, state["streams"])}
 
     @api.get(
@@ -420,7 +430,7 @@ class Ingress:
             after = -1
             while True:
                 try:
-                    frame = await self.sessions.next_frame.remote(session_id, after, FRAME_WAIT_S)
+                    frame = await self._owner(key_for(session_id)).next_frame.remote(session_id, after, FRAME_WAIT_S)
                 except Exception:  # the session manager died: the stream ends, cleanly
                     return
                 if isinstance(frame, SessionError):
@@ -444,7 +454,7 @@ class Ingress:
         responses=_errors(413, 503), operation_id="pipelines",
     )
     async def pipelines(self):
-        return await self._call("pipelines")
+        return await self._call("pipelines", key=slot_key(0))
 
     @api.get(
         "/sessions/{session_id}/layout.png",

@@ -29,6 +29,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments.logs import route_library_logs
+from deployments.memory import HeapTrimmer
 from deployments.stages import DenoiserPool, queue_schedule
 from dwm.conditions.packed import PackedConditions
 from dwm.pipelines.cfg_parallel import RowParallelDenoiser, join_group
@@ -137,6 +138,11 @@ class QueueServer:
         # Serve runs sync methods on a thread pool; the model and the queues are used by one
         # call at a time.
         self._lock = threading.Lock()
+        # Monotonic s of each session's last push: a queue no session owner has pushed to for
+        # serve.lease_s was left by an owner that died, and is given back.
+        self._lease_s = float(self.cfg.serve.lease_s)
+        self._pushed: dict[str, float] = {}
+        self._trimmer = HeapTrimmer(self.cfg.serve.trim_every_s)
         # Model calls per round: s steps per shift, one call each for the B windows at once
         # (batch_bands) or one per window.
         schedule = queue_schedule(self.cfg)
@@ -145,6 +151,7 @@ class QueueServer:
     def open(self, session_id: str, views: int, seed: int | None = None) -> int:
         """A new, empty queue for a session; returns its depth (frames from conditions in to picture out - 1)."""
         with self._lock:
+            self._pushed[session_id] = time.monotonic()
             if self.pool:
                 return self.pool.open(session_id, views, seed)
             if self.partner:
@@ -154,12 +161,16 @@ class QueueServer:
     def close(self, session_id: str) -> None:
         """Drop a session's queue state."""
         with self._lock:
-            if self.pool:
-                self.pool.close(session_id)
-                return
-            if self.partner:
-                ray.get(self.partner.close.remote(session_id))
-            self.queues.close(session_id)
+            self._close(session_id)
+
+    def _close(self, session_id: str) -> None:
+        self._pushed.pop(session_id, None)
+        if self.pool:
+            self.pool.close(session_id)
+            return
+        if self.partner:
+            ray.get(self.partner.close.remote(session_id))
+        self.queues.close(session_id)
 
     def sessions(self) -> list[str]:
         return list(self.pool.fronts) if self.pool else list(self.queues.pipelines)
@@ -170,9 +181,14 @@ class QueueServer:
         named in `unknown` (this replica is a restarted one) and its frame dropped."""
         with self._lock:
             started = time.perf_counter()
+            now = time.monotonic()
+            self._pushed.update(dict.fromkeys(frames, now))
+            for session_id in [sid for sid, at in self._pushed.items() if at < now - self._lease_s]:
+                self._close(session_id)
             try:
                 return self._push_many(frames)
             finally:
+                self._trimmer.maybe()
                 took = time.perf_counter() - started
                 metrics.denoise_seconds().observe(took)
                 metrics.model_call_seconds().set(took / self._calls_per_round)

@@ -25,11 +25,14 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.errors import (
-    InvalidRequest, MissingToken, NothingRecorded, NotOffered, SessionLimit, SessionNotFound, WorldGone, WrongToken,
-    refusals,
+    InvalidRequest, MissingToken, NothingRecorded, NotOffered, SessionLimit, SessionLost, SessionNotFound, WorldGone,
+    WrongToken, refusals,
 )
 from deployments.logs import route_library_logs
+from deployments.memory import HeapTrimmer
+from deployments.world_groups import WorldGroups
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
+from deployments.routing import LOAD_STAT, owned_by, owner_of, replica_tag
 from deployments.schemas import LAYOUT_KINDS
 from deployments.served import (
     MAX_VIEW_TOKENS, EndedSessions, ServedSession, actor_died, cause_of, new_session_id, unknown_ego, world_unavailable,
@@ -54,14 +57,24 @@ DENOISER_RESTARTING = ("the denoiser stopped and Serve is starting a new one: th
 
 @serve.deployment(name="SessionManager", num_replicas=1, max_ongoing_requests=1000)
 class SessionManager:
-    """Owns the sessions (one replica: sessions live in its memory)."""
+    """Owns sessions: those it started live in its memory. With `serve.sessions.owners` > 1,
+    each replica owns its own: a session id begins with its owner's tag, and every request
+    about it is routed there (`deployments.routing`); new sessions go to the owner with the
+    fewest."""
 
     async def __init__(self, world: DeploymentHandle, denoiser: DeploymentHandle, cfg: dict):
         route_library_logs()
         self.cfg: DictConfig = OmegaConf.create(cfg)
-        self.world, self.denoiser = world, denoiser
+        self.tag = replica_tag()
+        s = self.cfg.serve
+        self.owners = int(s.sessions.owners)
+        self.max_sessions = -(-int(s.max_sessions) // self.owners)  # this owner's share
+        group_size = s.world.group_size
+        self.world = WorldGroups(world, self.tag, None if group_size is None else int(group_size), int(s.world.replicas))
+        self.denoiser = denoiser
         self.sessions: dict[str, ServedSession] = {}
         self.ended = EndedSessions()
+        self._trimmer = HeapTrimmer(s.trim_every_s)
         self.model = weights_summary(self.cfg)
         # Sessions are private: seeing one takes its driver's or a viewer's token, unless this
         # says anyone may (a local demo).
@@ -80,17 +93,19 @@ class SessionManager:
         await self._release_orphans()
         self._tasks = [asyncio.create_task(self._rounds())]
         if self.realtime:
-            self.dt = float(await self.world.dt.remote())
+            self.dt = float(await self.world.dt())
             self._tasks.append(asyncio.create_task(self._wall_clock()))
 
     async def _release_orphans(self) -> None:
-        """A session manager starting holds no session. Cars in the world and queues in the
-        denoiser are those of a session manager that died (its replica restarted): nobody can
-        reach them any more, so they are given back."""
+        """A session manager starting holds no session. When it is the app's only one, cars in
+        the world and queues in the denoiser are those of one that died (its replica
+        restarted): nobody can reach them any more, so they are given back. (With several
+        owners, those of a dead one are given back when their lease runs out,
+        `serve.lease_s`.)"""
+        if self.owners > 1:
+            return
         try:
-            egos = await self.world.egos.remote()
-            for ego_id in egos:
-                await self.world.remove_ego.remote(ego_id)
+            egos = await self.world.release_all()
             queues = await self.denoiser.sessions.remote()
             for session_id in queues:
                 await self.denoiser.close.remote(session_id)
@@ -99,7 +114,7 @@ class SessionManager:
             return
         if egos or queues:
             log.warning("a session manager before this one died: its %d cars and %d queues are given back",
-                        len(egos), len(queues))
+                        egos, len(queues))
 
     # ------------------------------------------------------------------ the clock
 
@@ -132,7 +147,7 @@ class SessionManager:
         started = time.perf_counter()
         sessions = {s.id: s.session for s in served}
         seen = {key: session.controls_applied for key, session in sessions.items()}  # before observing
-        observed = await self.world.observe_many.remote([session.ego_id for session in sessions.values()])
+        observed = await self.world.observe_many([session.ego_id for session in sessions.values()])
         observations = {key: observed[session.ego_id] for key, session in sessions.items()}
 
         def build() -> dict[str, PackedConditions]:
@@ -140,7 +155,7 @@ class SessionManager:
 
         conditions = await asyncio.to_thread(build)
         packed = {key: frame.without_cameras() for key, frame in conditions.items()}  # what the model takes
-        tick = None if self.realtime else self.world.tick.remote()  # lockstep: one tick per round
+        tick = None if self.realtime else asyncio.ensure_future(self.world.tick())  # lockstep: one tick per round
         # The last round's frames first: a queue it finds rebuilt loses what was pushed up to
         # it, not these conditions, which go into the new queue.
         await self._frames_out()
@@ -152,6 +167,7 @@ class SessionManager:
         else:
             self._sampled = max(o.sim_time for o in observed.values())
         self.rounds += 1
+        await asyncio.to_thread(self._trimmer.maybe)
         metrics.round_seconds().observe(time.perf_counter() - started)
         metrics.sessions().set(len(self.sessions))
 
@@ -183,17 +199,17 @@ class SessionManager:
         """The World actor holds no car for some sessions (its replica was restarted, with a
         new world): each of them gets a new car, on its autopilot or with its sticky control,
         and goes on with the same id, queue and stream (`ego_restarts` counts it)."""
-        known = set(await self.world.egos.remote())
+        known = await self.world.known()
         for s in list(self.sessions.values()):
             session = s.session
             if session.ego_id in known:
                 continue
             try:
-                ego_id = await self.world.add_ego.remote()
+                ego_id = await self.world.add_ego(replacing=session.ego_id)
                 if session.autopilot:
-                    await self.world.set_autopilot.remote(ego_id, True)
+                    await self.world.set_autopilot(ego_id, True)
                 else:
-                    await self.world.apply_control.remote(ego_id, session.control)
+                    await self.world.apply_control(ego_id, session.control)
             except Exception as err:
                 self.world_error = f"the world lost the cars of the sessions and cannot place new ones: {cause_of(err)}"
                 log.exception("driving session %s: no new car", s.id)
@@ -266,7 +282,7 @@ class SessionManager:
             else:
                 next_at = loop.time()
             try:
-                self.sim_time = await self.world.tick.remote()
+                self.sim_time = await self.world.tick()
                 self.world_error = None
             except Exception as err:
                 await self._round_failed(err, "a world tick failed")
@@ -276,10 +292,11 @@ class SessionManager:
 
     @refusals
     async def create(self, options: dict) -> dict:
-        limit = int(self.cfg.serve.max_sessions)
-        if len(self.sessions) + self._starting >= limit:
+        if len(self.sessions) + self._starting >= self.max_sessions:
+            total = int(self.cfg.serve.max_sessions)
+            split = "" if self.owners == 1 else f", {self.max_sessions} for each of its {self.owners} session owners"
             raise SessionLimit(
-                f"this server runs at most {limit} driving sessions at once (config serve.max_sessions) "
+                f"this server runs at most {total} driving sessions at once (config serve.max_sessions{split}) "
                 "and all are taken: delete one or try again later"
             )
         record = bool(options.get("record", False))
@@ -294,7 +311,8 @@ class SessionManager:
             self._starting -= 1
 
     async def _start(self, options: dict, record_dir: str | None) -> dict:
-        session_id = new_session_id(self.sessions.keys() | set(self.ended))
+        session_id = new_session_id(self.sessions.keys() | set(self.ended),
+                                    lambda: owned_by(self.tag, secrets.token_hex(8)))
         token = secrets.token_urlsafe(18)
         autopilot = options.get("autopilot")
         autopilot = bool(self.cfg.serve.autopilot) if autopilot is None else autopilot
@@ -305,18 +323,18 @@ class SessionManager:
         record_path = Path(record_dir) / f"{session_id}.mp4" if record_dir else None
 
         try:
-            ego_id = await self.world.add_ego.remote()
+            ego_id = await self.world.add_ego()
         except Exception as err:  # e.g. the map has no free place left
             raise SessionLimit(f"no car could be added to the world: {cause_of(err)}") from None
         try:
             depth = await self.denoiser.open.remote(session_id, builder.num_views, options.get("seed"))
             control = VehicleControl()
             if autopilot:
-                control = await self.world.set_autopilot.remote(ego_id, True)
+                control = await self.world.set_autopilot(ego_id, True)
             publisher = SessionPublisher(self.cfg, session_id, overlay, rtsp_url, record_path)
         except BaseException:
             await self.denoiser.close.remote(session_id)
-            await self.world.remove_ego.remote(ego_id)
+            await self.world.remove_ego(ego_id)
             raise
         session = DrivingSession(
             ego_id, builder, depth, control=control, autopilot=autopilot, fps_window=float(self.cfg.serve.fps_window)
@@ -371,10 +389,10 @@ class SessionManager:
                 raise InvalidRequest(str(err)) from None
             try:  # as `DrivingSession.apply_control` does, with the World actor
                 if change.autopilot is not None:
-                    held = await self.world.set_autopilot.remote(session.ego_id, change.autopilot)
+                    held = await self.world.set_autopilot(session.ego_id, change.autopilot)
                     change = change.after_switch(held)
                 if change.sends:
-                    await self.world.apply_control.remote(session.ego_id, change.control)
+                    await self.world.apply_control(session.ego_id, change.control)
             except Exception as err:
                 if session_id not in self.sessions:  # deleted meanwhile: its ego is gone
                     raise SessionNotFound(f"driving session {session_id!r} has ended") from None
@@ -475,8 +493,18 @@ class SessionManager:
     def _served(self, session_id: str) -> ServedSession:
         served = self.sessions.get(session_id)
         if served is None:
+            owner = owner_of(session_id)
+            if owner is not None and owner != self.tag and self.tag != "local":
+                # Routed here because its owner is gone: a session owner that stopped, whose
+                # replica Serve replaced.
+                raise SessionLost(f"driving session {session_id!r} was lost: the session manager that held it "
+                                  "stopped and a new one took its place; start a new session (POST /sessions)")
             raise SessionNotFound(f"no driving session {session_id!r}; GET /sessions lists them")
         return served
+
+    def record_routing_stats(self) -> dict:
+        """What Serve's router weighs when it places a new session here: the sessions held."""
+        return {LOAD_STAT: len(self.sessions) + self._starting}
 
     def _authorised(self, session_id: str, token: str | None) -> ServedSession:
         # No token is refused before the session is looked up: what only a driver may do
@@ -510,7 +538,7 @@ class SessionManager:
         for step in (
             served.publisher.close(),
             self.denoiser.close.remote(served.id),
-            self.world.remove_ego.remote(served.session.ego_id),
+            self.world.remove_ego(served.session.ego_id),
         ):
             try:
                 await step

@@ -23,11 +23,14 @@ class IngressSettings(Schema):
 
 class SessionsSettings(Schema):
     num_cpus: Cpus
+    owners: PositiveInt
 
 
 class WorldSettings(Schema):
     num_cpus: Cpus
     shared: bool
+    group_size: PositiveInt | None
+    replicas: PositiveInt
 
 
 class StageSettings(Schema):
@@ -63,6 +66,8 @@ class ServeSettings(Schema):
     graceful_shutdown_s: Annotated[float, Field(ge=0.0)]
     health_check_s: Seconds
     malloc_mmap_threshold: Annotated[int, Field(ge=0, le=2**25)] | None
+    lease_s: Seconds
+    trim_every_s: Seconds | None
     ingress: IngressSettings
     sessions: SessionsSettings
     world: WorldSettings

@@ -414,7 +414,8 @@ def test_bad_requests_get_clear_answers_and_leave_the_session_running(api):
 
 def test_bodies_too_large_not_json_or_long_are_refused_with_short_answers(api):
     a = api.create(autopilot=False)
-    assert len(a["id"]) == 16 and int(a["id"], 16) >= 0  # 64 random bits
+    owner, random_part = a["id"].split("-")  # its owner's replica tag, then 64 random bits
+    assert owner.isalnum() and len(random_part) == 16 and int(random_part, 16) >= 0
     base, control = api.base, f"/sessions/{a['id']}/control"
     auth = {"Authorization": f"Bearer {a['token']}"}
 

@@ -61,6 +61,40 @@ def test_a_world_per_session_gives_each_driver_the_same_scenario_alone():
         world.observe_many([a])
 
 
+def test_groups_of_sessions_have_worlds_and_ticks_of_their_own():
+    world = actor(shared=True)
+    a, b, c = world.add_ego("owner1"), world.add_ego("owner1"), world.add_ego("owner2")
+    assert world.worlds() == 2 and sorted(world.egos("owner1")) == sorted([a, b]) and world.egos("owner2") == [c]
+    assert len({a, b, c}) == 3 and all(e.startswith("local-") for e in (a, b, c))  # named after this replica
+    before = world.observe_many([a, b, c])
+    assert before[a].sim_time == before[c].sim_time
+    world.tick("owner1")
+    world.tick("owner1")
+    after = world.observe_many([a, b, c])
+    # owner1's world ticked twice, owner2's not at all; a and b share theirs.
+    assert after[a].sim_time == after[b].sim_time == pytest.approx(before[a].sim_time + 2 * world.dt())
+    assert after[c].sim_time == before[c].sim_time
+    assert world.record_routing_stats() == {"load": 3}
+    assert world.remove_all() == 3 and world.egos() == [] and world.worlds() == 0
+
+
+def test_cars_nobody_asks_about_are_given_back_when_their_lease_runs_out(monkeypatch):
+    import deployments.world as module
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    cfg = compose({"world.vehicles": "4", "serve.lease_s": "60"})
+    world = WorldActor.func_or_class(OmegaConf.to_container(cfg, resolve=True))
+    kept, orphan = world.add_ego("alive"), world.add_ego("dead")
+    for _ in range(3):  # the live owner's rounds; the dead one asks nothing
+        now[0] += 25.0
+        world.observe_many([kept])
+        world.tick("alive")
+    assert world.egos() == [kept]
+    with pytest.raises(UnknownEgoError):
+        world.observe_many([orphan])
+
+
 def test_world_mode_must_be_a_bool():
     with pytest.raises(ConfigError, match="serve.world.shared"):
         deployments.app({"serve.world.shared": "sometimes"})
