@@ -1,6 +1,6 @@
 """What two ways of keeping a replica's memory flat cost and give: a fixed glibc mmap threshold
-(`serve.malloc_mmap_threshold`) and `malloc_trim` after every round (`deployments.memory`),
-against glibc's default. The QueueServer's work (one batched push of every session's frame a
+(the MALLOC_MMAP_THRESHOLD_ environment variable) and `malloc_trim` after every round
+(`deployments.memory`, `serve.trim_every_s`), against glibc's default. The QueueServer's work (one batched push of every session's frame a
 round) in child processes, the three in turn (A B C A B C ...), on the same frames.
 
     python -m bench.bench_malloc                          # 8 sessions, 60 rounds, 3 pairs, 131072
@@ -12,6 +12,9 @@ session, pushes the rounds and reports rounds per second after the queues' warm-
 private resident memory (RssAnon) at the end of the warm-up and at the end. glibc reads
 MALLOC_MMAP_THRESHOLD_ when a process starts, hence the children. The ratio of each pair is
 the figure to read (the machine's speed drifts between them).
+
+Measured (bench/results/soak-cpu-2core.md): the threshold keeps memory flat at half the speed,
+the trim keeps it flat at the same speed; the app trims (`serve.trim_every_s`, 1 s).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=60, help="rounds timed after the queues' warm-up")
     parser.add_argument("--pairs", type=int, default=3, help="runs of each setting")
-    parser.add_argument("--threshold", type=int, default=131072, help="MALLOC_MMAP_THRESHOLD_ of the B runs (bytes)")
+    parser.add_argument("--threshold", type=int, default=131072, help="MALLOC_MMAP_THRESHOLD_ of the threshold runs (bytes)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ (key=value)")

@@ -56,26 +56,22 @@ def app(args: dict[str, str] | None = None) -> Application:
     # checks often enough that a replica that died is replaced in seconds (Serve's default: 10 s).
     stop = {"graceful_shutdown_timeout_s": float(s.graceful_shutdown_s), "graceful_shutdown_wait_loop_s": 0.1,
             "health_check_period_s": float(s.health_check_s)}
-    env = replica_env(cfg)
-
-    def actor(**resources) -> dict:
-        return {**resources, "runtime_env": {"env_vars": env}} if env else resources
 
     # Owners report their load every second (`record_routing_stats`): where new things go.
     by_owner = RequestRouterConfig(request_router_class=OwnerRouter, request_routing_stats_period_s=1.0)
     world = WorldActor.options(
-        num_replicas=int(s.world.replicas), ray_actor_options=actor(num_cpus=s.world.num_cpus),
+        num_replicas=int(s.world.replicas), ray_actor_options=dict(num_cpus=s.world.num_cpus),
         request_router_config=by_owner, **stop,
     ).bind(plain)
     denoiser = QueueServer.options(
-        ray_actor_options=actor(num_cpus=s.denoiser.num_cpus, num_gpus=s.denoiser.num_gpus), **stop
+        ray_actor_options=dict(num_cpus=s.denoiser.num_cpus, num_gpus=s.denoiser.num_gpus), **stop
     ).bind(plain)
     sessions = SessionManager.options(
-        num_replicas=int(s.sessions.owners), ray_actor_options=actor(num_cpus=s.sessions.num_cpus),
+        num_replicas=int(s.sessions.owners), ray_actor_options=dict(num_cpus=s.sessions.num_cpus),
         request_router_config=by_owner, **stop,
     ).bind(world, denoiser, plain)
     return Ingress.options(
-        num_replicas=int(s.ingress.replicas), ray_actor_options=actor(num_cpus=s.ingress.num_cpus), **stop
+        num_replicas=int(s.ingress.replicas), ray_actor_options=dict(num_cpus=s.ingress.num_cpus), **stop
     ).bind(sessions, s.max_body_bytes, allowed_hosts(cfg), int(s.sessions.owners))
 
 
@@ -85,12 +81,6 @@ def anchor_world_map(cfg: DictConfig) -> None:
     name = OmegaConf.select(cfg, "world.map")
     if isinstance(name, str) and is_opendrive_path(name):
         cfg.world.map = str(Path(name).expanduser().resolve())
-
-
-def replica_env(cfg: DictConfig) -> dict[str, str]:
-    """Environment variables every replica process starts with (read by glibc at start)."""
-    threshold = cfg.serve.malloc_mmap_threshold
-    return {} if threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(int(threshold))}
 
 
 def allowed_hosts(cfg: DictConfig) -> list[str]:

@@ -65,7 +65,6 @@ class ServeSettings(Schema):
     video_queue: PositiveInt
     graceful_shutdown_s: Annotated[float, Field(ge=0.0)]
     health_check_s: Seconds
-    malloc_mmap_threshold: Annotated[int, Field(ge=0, le=2**25)] | None
     lease_s: Seconds
     trim_every_s: Seconds | None
     ingress: IngressSettings

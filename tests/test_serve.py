@@ -842,7 +842,7 @@ def test_a_driver_turns_the_overlay_off_and_records_while_driving_and_anyone_wat
         ({"serve.stage.compiled_graph": "sometimes"}, "serve.stage.compiled_graph"),
         ({"serve.stage.transport": "pigeon"}, "serve.stage.transport=pigeon: must be 'auto' or 'cpu_communicator'"),
         ({"serve.health_check_s": "0"}, "serve.health_check_s"),
-        ({"serve.malloc_mmap_threshold": "-1"}, "serve.malloc_mmap_threshold"),
+        ({"serve.trim_every_s": "-1"}, "serve.trim_every_s"),
         ({"world.map": "maps/Town99.xodr"}, "world.map='maps/Town99.xodr': no such file"),
     ],
 )

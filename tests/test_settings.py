@@ -54,7 +54,7 @@ def test_several_wrong_values_are_all_named():
         ({"stage": {"placement": "ANYWHERE"}}, "serve.stage.placement=ANYWHERE: must be 'PACK'"),
         ({"stage": {"compiled_graph": "sometimes"}}, "serve.stage.compiled_graph=sometimes: must be true or false or must be 'auto'"),
         ({"world": {"num_cpus": -1}}, "serve.world.num_cpus=-1: must be greater than or equal to 0"),
-        ({"malloc_mmap_threshold": 2**26}, "serve.malloc_mmap_threshold=67108864: must be less than or equal to 33554432"),
+        ({"trim_every_s": 0}, "serve.trim_every_s=0: must be greater than 0"),
     ],
 )
 def test_the_serve_group_names_a_wrong_value(change, line):
