@@ -157,7 +157,7 @@ class LocalSession(Session):
         hdmap = boxes = ego = None
         if self.layout:
             newest = self.session.last_observation
-            hdmap, boxes = layout_images(self.session.last_conditions)
+            hdmap, boxes = layout_images(self.session.last_conditions.unpack())
             ego = EgoState(float(newest.ego_speed), newest.lane_offset, float(newest.sim_time))
         return Frame(generated.index, float(generated.conditions.sim_time), generated.control_seq, views,
                      hdmap, boxes, ego)
