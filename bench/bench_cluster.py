@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +33,6 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import deployments  # noqa: E402
-from tests.waiting import free_port  # noqa: E402
 
 SMALLEST = {"pipeline.steps": "6", "pipeline.window": "3", "pipeline.resolution": "[96,160]",
             "pipeline.output_size": "[96,160]", "world.vehicles": "8", "serve.public_viewing": "true",
@@ -119,7 +119,9 @@ def main() -> None:
         cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=300 * 2**20)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    port = free_port()
+    with socket.socket() as probe:  # a free local port for Serve's HTTP proxy
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     base = f"http://127.0.0.1:{port}"
     results = []

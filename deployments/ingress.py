@@ -20,7 +20,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.errors import SessionError
-from deployments.routing import key_for, slot_key
+from deployments.routing import key_for, routed, slot_key
 from deployments.schemas import (
     ControlRequest,
     ControlState,
@@ -289,14 +289,11 @@ class Ingress:
         self.owners = owners
         self.page_html = PAGE.read_text()
 
-    def _owner(self, key: str) -> DeploymentHandle:
-        return self.sessions.options(multiplexed_model_id=key)
-
     async def _call(self, method: str, *args, key: str | None = None):
         """Call the SessionManager that owns the session named first in `args` (or the one
         `key` routes to); a refusal (SessionError) becomes an HTTP answer with its reason."""
         try:
-            result = await getattr(self._owner(key_for(args[0]) if key is None else key), method).remote(*args)
+            result = await getattr(routed(self.sessions, key_for(args[0]) if key is None else key), method).remote(*args)
         except Exception as err:  # the session manager died in the call: answer, do not crash
             log.warning("the session manager failed on %s: %s", method, err)
             raise HTTPException(503, [_item([], "the session manager did not answer (it is being restarted); "
@@ -327,20 +324,18 @@ class Ingress:
         # To the session owner with the fewest sessions; one that is full (its load report was
         # old) hands it to the others in turn.
         wanted = (options or SessionOptions()).model_dump()
-        try:
-            created = await self._call("create", wanted, key="")
-        except HTTPException as full:
-            if full.status_code != 429 or self.owners == 1:
-                raise
-            for k in range(self.owners):
-                try:
-                    created = await self._call("create", wanted, key=slot_key(k))
-                    break
-                except HTTPException as err:
-                    if err.status_code != 429:
-                        raise
-            else:
-                raise full from None
+        keys = [""] + ([slot_key(k) for k in range(self.owners)] if self.owners > 1 else [])
+        full = None
+        for key in keys:
+            try:
+                created = await self._call("create", wanted, key=key)
+                break
+            except HTTPException as err:
+                if err.status_code != 429:
+                    raise
+                full = full or err
+        else:
+            raise full
         return {**created, "streams": self._absolute(request, created["streams"])}
 
     @api.get("/sessions", response_model=list[SessionState], responses=_errors(413, 422, 503),
@@ -430,7 +425,7 @@ class Ingress:
             after = -1
             while True:
                 try:
-                    frame = await self._owner(key_for(session_id)).next_frame.remote(session_id, after, FRAME_WAIT_S)
+                    frame = await routed(self.sessions, key_for(session_id)).next_frame.remote(session_id, after, FRAME_WAIT_S)
                 except Exception:  # the session manager died: the stream ends, cleanly
                     return
                 if isinstance(frame, SessionError):

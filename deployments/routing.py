@@ -60,6 +60,11 @@ def owner_of(thing_id: str) -> str | None:
     return tag if separator and tag and rest else None
 
 
+def routed(handle, key: str):
+    """`handle` with the routing key `key` on its requests (an `OwnerRouter` deployment's)."""
+    return handle.options(multiplexed_model_id=key)
+
+
 def key_for(thing_id: str) -> str:
     """The routing key of a request about `thing_id` (an id no replica made goes anywhere,
     which answers that it does not know it)."""

@@ -494,7 +494,7 @@ class SessionManager:
         served = self.sessions.get(session_id)
         if served is None:
             owner = owner_of(session_id)
-            if owner is not None and owner != self.tag and self.tag != "local":
+            if owner is not None and owner != self.tag:
                 # Routed here because its owner is gone: a session owner that stopped, whose
                 # replica Serve replaced.
                 raise SessionLost(f"driving session {session_id!r} was lost: the session manager that held it "

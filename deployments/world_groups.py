@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.routing import key_for, owner_key, owner_of, slot_key
+from deployments.routing import key_for, owner_key, owner_of, routed, slot_key
 from dwm.world.base import Observation, VehicleControl
 
 
@@ -27,7 +27,7 @@ class WorldGroups:
         self._next_group = 0
 
     def _call(self, key: str, method: str, *args):
-        return getattr(self.handle.options(multiplexed_model_id=key), method).remote(*args)
+        return getattr(routed(self.handle, key), method).remote(*args)
 
     def _group_with_room(self) -> str:
         if self.group_size is None:

@@ -24,7 +24,7 @@ import requests
 from ray import serve
 
 import deployments
-from tests.waiting import StreamWatcher, eventually
+from tests.waiting import StreamWatcher, eventually, serve_replica
 
 OVERRIDES = {"pipeline.steps": "6", "pipeline.window": "3", "world.vehicles": "8", "serve.max_sessions": "4",
              "serve.graceful_shutdown_s": "1.0"}
@@ -39,10 +39,7 @@ def base(ray_runtime) -> Iterator[str]:
 
 def replica_of(deployment: str):
     """The actor of the (one) replica of `deployment` in this app."""
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA::") and f"{APP}#{deployment}#" in a["name"]]
-    assert len(names) == 1, names
-    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    return serve_replica(APP, deployment)
 
 
 def drive_three(base: str):

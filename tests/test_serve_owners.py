@@ -14,7 +14,7 @@ import requests
 
 import deployments
 from deployments.routing import owner_of
-from tests.waiting import StreamWatcher, eventually
+from tests.waiting import StreamWatcher, eventually, serve_replica
 
 OVERRIDES = {"pipeline.steps": "6", "pipeline.window": "3", "world.vehicles": "8", "serve.max_sessions": "4",
              "serve.graceful_shutdown_s": "1.0", "serve.sessions.owners": "2", "serve.world.replicas": "2"}
@@ -25,13 +25,6 @@ APP = "test-serve-owners"
 def base(ray_runtime) -> Iterator[str]:
     with ray_runtime.serve_app(deployments.app(OVERRIDES), APP) as url:
         yield url
-
-
-def owner_replica(tag: str):
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(f"{APP}#SessionManager#{tag}")]
-    assert len(names) == 1, names
-    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
 
 
 def test_sessions_spread_over_owners_and_one_owner_dying_takes_only_its_own(base):
@@ -63,7 +56,7 @@ def test_sessions_spread_over_owners_and_one_owner_dying_takes_only_its_own(base
     try:
         eventually(lambda: all(len(r.indices) >= 2 for r in readers.values()), "frames on the four streams")
         dead = owner_of(created[0]["id"])
-        ray.kill(owner_replica(dead), no_restart=True)
+        ray.kill(serve_replica(APP, "SessionManager", dead), no_restart=True)
         mine = [s["id"] for s in created if owner_of(s["id"]) == dead]
         others = [s["id"] for s in created if owner_of(s["id"]) != dead]
 

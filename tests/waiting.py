@@ -51,3 +51,14 @@ class StreamWatcher(threading.Thread):
         except requests.RequestException as e:
             if not self.stop.is_set():
                 self.error = e
+
+
+def serve_replica(app: str, deployment: str, tag: str = ""):
+    """The actor of the one replica of `deployment` in the Serve app `app` (the one with replica
+    tag `tag`, when given), to kill it as a fault would."""
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and f"{app}#{deployment}#{tag}" in a["name"]]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
