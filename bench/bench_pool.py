@@ -33,7 +33,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.dag import InputNode  # noqa: E402
 
-from deployments.stages import DenoiserPool  # noqa: E402
+from deployments.stages import StagePipeline  # noqa: E402
 from dwm.conditions.builder import ConditionBuilder  # noqa: E402
 from dwm.conditions.packed import PackedConditions  # noqa: E402
 from dwm.config import compose, instantiate  # noqa: E402
@@ -102,7 +102,7 @@ def run_single(cfg, frames, warm: int):
 
 
 def run_pool(cfg, frames, warm: int):
-    pool = DenoiserPool(cfg)
+    pool = StagePipeline(cfg)
     sids = [f"s{k}" for k in range(len(frames[0]))]
     for k, sid in enumerate(sids):
         pool.open(sid, 3, k)
@@ -115,8 +115,7 @@ def run_pool(cfg, frames, warm: int):
                 pool.handover = type(pool.handover)()  # the timed rounds only
             for sid in sids:
                 timing.pushed(sid, i)
-            images, _ = pool.push_many(dict(zip(sids, row)))
-            for sid, got in images.items():
+            for sid, got in pool.push_many(dict(zip(sids, row))).items():
                 for index, _ in got:
                     timing.left(sid, index)
         return timing.frames / (time.perf_counter() - start), timing, pool.handover.stats()

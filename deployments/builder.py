@@ -1,11 +1,12 @@
 """The app builder: `serve run deployments:app key=value ...` composes `conf/` and binds the topology.
 
     client --HTTP--> Ingress --> SessionManager --+--> World       (worlds by group of sessions)
-                     (stateless, (owners: sessions, +--> QueueServer (the model, every queue)
-                      replicas)   publishers)
+                     (stateless, (owners: sessions, +--> QueueServer (pipelines: the model, the
+                      replicas)   publishers)                      queues of their sessions)
 
 A request about a session goes to the SessionManager replica that owns it, a call about a car
-to the World replica that holds it (`deployments.routing.OwnerRouter`).
+to the World replica that holds it, a round's frames to the pipelines that hold their queues
+(`deployments.routing.OwnerRouter`).
 
 `deployments.app({"world.map": "merge"})` is what `serve run deployments:app world.map=merge` does.
 """
@@ -23,6 +24,7 @@ from deployments.routing import OwnerRouter
 from deployments.ingress import Ingress
 from deployments.sessions import SessionManager
 from deployments.settings import ServeSettings
+from deployments.stages import stage_bundle
 from deployments.world import WorldActor
 from dwm.conditions.builder import ConditionBuilder
 from dwm.config import ConfigError, compose, condition_fps, instantiate
@@ -64,7 +66,7 @@ def app(args: dict[str, str] | None = None) -> Application:
         request_router_config=by_owner, **stop,
     ).bind(plain)
     denoiser = QueueServer.options(
-        ray_actor_options=dict(num_cpus=s.denoiser.num_cpus, num_gpus=s.denoiser.num_gpus), **stop
+        num_replicas=int(s.pipelines), request_router_config=by_owner, **pipeline_resources(cfg), **stop
     ).bind(plain)
     sessions = SessionManager.options(
         num_replicas=int(s.sessions.owners), ray_actor_options=dict(num_cpus=s.sessions.num_cpus),
@@ -73,6 +75,23 @@ def app(args: dict[str, str] | None = None) -> Application:
     return Ingress.options(
         num_replicas=int(s.ingress.replicas), ray_actor_options=dict(num_cpus=s.ingress.num_cpus), **stop
     ).bind(sessions, s.max_body_bytes, allowed_hosts(cfg), int(s.sessions.owners))
+
+
+def pipeline_resources(cfg: DictConfig) -> dict:
+    """A QueueServer replica's resources: `serve.denoiser`'s, and with stage actors (bands > 1)
+    or a CFG partner a placement group whose first bundle is the replica's and the others
+    theirs (Serve places the replica in the first; `serve.stage.placement` keeps them together)."""
+    d = cfg.serve.denoiser
+    own = {"CPU": float(d.num_cpus), **({"GPU": float(d.num_gpus)} if d.num_gpus else {})}
+    options = {"ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}}
+    if int(cfg.pipeline.bands) > 1:
+        bundles = [own] + [stage_bundle(cfg)] * int(cfg.pipeline.bands)
+    elif cfg.pipeline.cfg_parallel:
+        bundles = [own, own]  # the partner: the same as the replica
+    else:
+        return options
+    return {**options, "placement_group_bundles": [dict(b) for b in bundles],
+            "placement_group_strategy": str(cfg.serve.stage.placement)}
 
 
 def anchor_world_map(cfg: DictConfig) -> None:
@@ -98,10 +117,10 @@ def check(cfg: DictConfig) -> None:
     s, p = cfg.serve, cfg.pipeline
     if s.denoiser.num_gpus > 0 and str(cfg.device) == "cpu":
         raise ConfigError(f"serve.denoiser.num_gpus={s.denoiser.num_gpus} needs a GPU device: set device=cuda")
-    if p.cfg_parallel and (p.bands != 1 or s.pipelines != 1):
+    if p.cfg_parallel and p.bands != 1:
         raise ConfigError(
-            f"pipeline.cfg_parallel=true runs with pipeline.bands=1 and serve.pipelines=1 "
-            f"(got bands={p.bands}, pipelines={s.pipelines}): use one way to spread over GPUs"
+            f"pipeline.cfg_parallel=true runs with pipeline.bands=1 (got {p.bands}): "
+            "use one way to spread a pipeline over GPUs"
         )
     try:
         BandedFifoQueue(p.steps, p.window, p.bands, (1, 1, 1, 1))

@@ -1,22 +1,31 @@
-"""The QueueServer deployment: every session's denoising queue, and the model that steps them.
+"""The QueueServer deployment: one denoiser pipeline, the queues of the sessions placed on it.
 
-`pipeline.bands` 1 and `serve.pipelines` 1 (the default): the replica holds the model and
-each session's `StreamingPipeline` (its FIFO queue and cached contexts) around it. A round
-hands all sessions' new conditions over in one call (`push_many`, conditions packed to uint8
-layouts), and every Euler step of that round is one model call over all the sessions'
-windows (`dwm.pipelines.streaming.push_many`).
+Serve owns the pipelines: `serve.pipelines` is the deployment's number of replicas, each one
+pipeline, and a session owner places a new session's queue on the one with the fewest
+sessions (`deployments.pipeline_queues`; each reports its load, `deployments.routing`).
 
-More bands or pipelines: the replica coordinates a pool of stage actors, one band per GPU
-(`deployments.stages.DenoiserPool`), and holds no model itself.
+`pipeline.bands` 1 (the default): the replica holds the model and each session's
+`StreamingPipeline` (its FIFO queue and cached contexts) around it. A round hands all its
+sessions' new conditions over in one call (`push_many`, conditions packed to uint8 layouts),
+and every Euler step of that round is one model call over all the sessions' windows
+(`dwm.pipelines.streaming.push_many`).
 
-`pipeline.cfg_parallel=true` (one band, one pipeline): a `CfgPartner` actor on a second GPU
-runs every session's queue beside the replica's, each computing half the rows of every
-model call and exchanging the outputs (`dwm.pipelines.cfg_parallel`); the replica hands out
-the frames.
+More bands: the replica is a pipeline of B stage actors, one band per GPU, in the bundles of
+its placement group (`deployments.stages.StagePipeline`), and holds no model itself.
+
+`pipeline.cfg_parallel=true` (one band): a `CfgPartner` actor on a second GPU (the second
+bundle) runs every session's queue beside the replica's, each computing half the rows of
+every model call and exchanging the outputs (`dwm.pipelines.cfg_parallel`); the replica
+hands out the frames.
+
+A pipeline that loses a stage (or its partner) gives its sessions back as `unknown` (their
+owners open their queues again elsewhere), takes no new ones and fails Serve's health check:
+Serve replaces it.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -26,14 +35,20 @@ import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments import metrics
 from deployments.logs import route_library_logs
 from deployments.memory import HeapTrimmer
-from deployments.stages import DenoiserPool, queue_schedule
+from deployments.routing import LOAD_STAT, replica_tag
+from deployments.stages import STAGE_LOST, PipelineLost, StagePipeline, queue_schedule
 from dwm.conditions.packed import PackedConditions
 from dwm.pipelines.cfg_parallel import RowParallelDenoiser, join_group
 from dwm.pipelines.streaming import StreamingPipeline, push_many
+
+log = logging.getLogger("ray.serve")
+LOST_LOAD = 1e9  # the load a lost pipeline reports: no new session goes there
 
 
 @dataclass
@@ -47,17 +62,11 @@ class GeneratedImages:
 
 @dataclass
 class DenoisedRound:
-    """What a round gives back: the pictures leaving the queues, the sessions whose queue was
-    rebuilt (a denoiser stage died) with the frames that were inside it and are lost, and the
-    sessions this QueueServer holds no queue for (it was restarted: open them again)."""
+    """What a round gives back: the pictures leaving the queues, and the sessions this
+    pipeline holds no queue for (it is a new replica, or it lost a stage: open them again)."""
 
     images: dict[str, list[GeneratedImages]] = field(default_factory=dict)
-    restarted: dict[str, int] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
-
-
-def uses_stage_actors(cfg: DictConfig) -> bool:
-    return int(cfg.pipeline.bands) > 1 or int(cfg.serve.pipelines) > 1
 
 
 class SessionQueues:
@@ -119,22 +128,28 @@ class QueueServer:
     def __init__(self, cfg: dict):
         route_library_logs()
         self.cfg = OmegaConf.create(cfg)
+        self.tag = replica_tag()
         threads = self.cfg.serve.denoiser.torch_threads
         if threads:
             torch.set_num_threads(int(threads))
-        self.pool = DenoiserPool(self.cfg) if uses_stage_actors(self.cfg) else None
+        self.stages = StagePipeline(self.cfg) if int(self.cfg.pipeline.bands) > 1 else None
         self.partner = None
-        if self.pool:
+        if self.stages:
             self.queues = None
         elif self.cfg.pipeline.cfg_parallel:
             address = ray.util.get_node_ip_address()
             port = _free_port(address)
             s = self.cfg.serve.denoiser
-            self.partner = CfgPartner.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus).remote(cfg, address, port)
+            group = get_current_placement_group()  # the partner takes its second bundle
+            where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=1) if group else None
+            self.partner = CfgPartner.options(
+                num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy=where
+            ).remote(cfg, address, port)
             join_group(address, port, 0, 2, torch.device(self.cfg.device))
             self.queues = SessionQueues(self.cfg, rank=0, world=2)
         else:
             self.queues = SessionQueues(self.cfg)
+        self.lost: str | None = None  # why this pipeline lost its queues and takes no new sessions
         # Serve runs sync methods on a thread pool; the model and the queues are used by one
         # call at a time.
         self._lock = threading.Lock()
@@ -148,15 +163,20 @@ class QueueServer:
         schedule = queue_schedule(self.cfg)
         self._calls_per_round = schedule.steps_per_shift * (1 if self.cfg.pipeline.batch_bands else schedule.bands)
 
-    def open(self, session_id: str, views: int, seed: int | None = None) -> int:
-        """A new, empty queue for a session; returns its depth (frames from conditions in to picture out - 1)."""
+    def open(self, session_id: str, views: int, seed: int | None = None) -> dict:
+        """A new, empty queue for a session. Returns its depth (frames from conditions in to
+        picture out - 1) and this pipeline's tag (where the session's pushes go)."""
         with self._lock:
+            if self.lost:
+                raise PipelineLost(f"denoiser pipeline {self.tag} takes no sessions: {self.lost}")
             self._pushed[session_id] = time.monotonic()
-            if self.pool:
-                return self.pool.open(session_id, views, seed)
-            if self.partner:
-                ray.get(self.partner.open.remote(session_id, views, seed))
-            return self.queues.open(session_id, views, seed)
+            if self.stages:
+                depth = self.stages.open(session_id, views, seed)
+            else:
+                if self.partner:
+                    ray.get(self.partner.open.remote(session_id, views, seed))
+                depth = self.queues.open(session_id, views, seed)
+            return {"depth": depth, "pipeline": self.tag}
 
     def close(self, session_id: str) -> None:
         """Drop a session's queue state."""
@@ -165,20 +185,24 @@ class QueueServer:
 
     def _close(self, session_id: str) -> None:
         self._pushed.pop(session_id, None)
-        if self.pool:
-            self.pool.close(session_id)
+        if self.lost:
+            return
+        if self.stages:
+            self.stages.close(session_id)
             return
         if self.partner:
             ray.get(self.partner.close.remote(session_id))
         self.queues.close(session_id)
 
     def sessions(self) -> list[str]:
-        return list(self.pool.fronts) if self.pool else list(self.queues.pipelines)
+        if self.lost:
+            return []
+        return self.stages.sessions if self.stages else list(self.queues.pipelines)
 
     def push_many(self, frames: dict[str, PackedConditions]) -> DenoisedRound:
         """Push each session's new conditions; returns the pictures that leave the queues
         (without their conditions: the caller has them). A session without a queue here is
-        named in `unknown` (this replica is a restarted one) and its frame dropped."""
+        named in `unknown` and its frame dropped."""
         with self._lock:
             started = time.perf_counter()
             now = time.monotonic()
@@ -192,33 +216,62 @@ class QueueServer:
                 took = time.perf_counter() - started
                 metrics.denoise_seconds().observe(took)
                 metrics.model_call_seconds().set(took / self._calls_per_round)
-                metrics.handover_seconds().set(self.pool.handover.last_overhead_s if self.pool else 0.0)
+                metrics.handover_seconds().set(self.stages.handover.last_overhead_s if self.stages else 0.0)
 
     def _push_many(self, frames: dict[str, PackedConditions]) -> DenoisedRound:
         held = set(self.sessions())
         unknown = [sid for sid in frames if sid not in held]
         frames = {sid: c for sid, c in frames.items() if sid in held}
-        if self.pool:
-            images, restarted = self.pool.push_many(frames)
-            return DenoisedRound(
-                {sid: [GeneratedImages(i, im) for i, im in out] for sid, out in images.items()}, restarted, unknown
-            )
-        partner = self.partner.push_many.remote(frames) if self.partner else None
-        images = self.queues.push_many(frames)  # with the partner's half of every call
-        if partner is not None:
-            ray.get(partner)
-        return DenoisedRound(images, unknown=unknown)
+        try:
+            if self.stages:
+                images = {sid: [GeneratedImages(i, im) for i, im in out]
+                          for sid, out in self.stages.push_many(frames).items()}
+            else:
+                partner = self.partner.push_many.remote(frames) if self.partner else None
+                images = self.queues.push_many(frames)  # with the partner's half of every call
+                if partner is not None:
+                    ray.get(partner)
+        except (PipelineLost, *STAGE_LOST) as err:
+            self._lose(str(err) if isinstance(err, PipelineLost) else f"its CFG partner died ({type(err).__name__})")
+            return DenoisedRound(unknown=unknown + list(frames))
+        return DenoisedRound(images, unknown)
+
+    def _lose(self, why: str) -> None:
+        """The pipeline's queues are gone (a stage or the partner died): give every session
+        back, take no new one, and fail the health check so that Serve replaces this replica."""
+        log.error("denoiser pipeline %s: %s; its sessions are given back to be placed elsewhere", self.tag, why)
+        self.lost = why
+        self._pushed.clear()
+        if self.stages:
+            self.stages.shutdown()
+        if self.partner:
+            ray.kill(self.partner, no_restart=True)
+        self.queues = None
+
+    def check_health(self) -> None:
+        """Serve's health check: a pipeline that lost its queues is replaced."""
+        if self.lost:
+            raise RuntimeError(f"denoiser pipeline {self.tag} is lost: {self.lost}")
+
+    def record_routing_stats(self) -> dict:
+        """What Serve's router weighs when it places a new session's queue here: the sessions
+        held (a lost pipeline takes none)."""
+        return {LOAD_STAT: LOST_LOAD if self.lost else len(self._pushed)}
 
     def placement(self) -> dict:
-        """Where the model runs: per pipeline its sessions and each stage's band, GPU ids and
-        node; with the hand-over totals between stages."""
+        """Where this pipeline runs: its tag, health, sessions, each stage's band, GPU ids and
+        node, and the hand-over totals between its stages (None with one stage)."""
         with self._lock:
-            if self.pool:
-                return {"pipelines": self.pool.placement(), "handover": self.pool.handover.stats()}
-            here = {"band": 0, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                    "node_id": ray.get_runtime_context().get_node_id()}
-            return {"pipelines": [{"index": 0, "healthy": True, "sessions": sorted(self.queues.pipelines),
-                                   "stages": [here]}], "handover": None}
+            if self.stages:
+                stages, handover = self.stages.placement(), self.stages.handover.stats()
+            else:
+                stages = [] if self.lost else [{
+                    "band": 0, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                    "node_id": ray.get_runtime_context().get_node_id(),
+                }]
+                handover = None
+            return {"pipeline": self.tag, "healthy": self.lost is None, "sessions": sorted(self.sessions()),
+                    "stages": stages, "handover": handover}
 
 
 def _free_port(address: str) -> int:

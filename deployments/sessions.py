@@ -30,6 +30,7 @@ from deployments.errors import (
 )
 from deployments.logs import route_library_logs
 from deployments.memory import HeapTrimmer
+from deployments.pipeline_queues import PipelineQueues
 from deployments.world_groups import WorldGroups
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
 from deployments.routing import LOAD_STAT, owned_by, owner_of, replica_tag
@@ -71,7 +72,7 @@ class SessionManager:
         self.max_sessions = -(-int(s.max_sessions) // self.owners)  # this owner's share
         group_size = s.world.group_size
         self.world = WorldGroups(world, self.tag, None if group_size is None else int(group_size), int(s.world.replicas))
-        self.denoiser = denoiser
+        self.queues = PipelineQueues(denoiser, int(s.pipelines))
         self.sessions: dict[str, ServedSession] = {}
         self.ended = EndedSessions()
         self._trimmer = HeapTrimmer(s.trim_every_s)
@@ -106,15 +107,13 @@ class SessionManager:
             return
         try:
             egos = await self.world.release_all()
-            queues = await self.denoiser.sessions.remote()
-            for session_id in queues:
-                await self.denoiser.close.remote(session_id)
+            queues = await self.queues.release_all()
         except Exception:
             log.exception("giving back the cars and queues of the sessions before this session manager")
             return
         if egos or queues:
             log.warning("a session manager before this one died: its %d cars and %d queues are given back",
-                        egos, len(queues))
+                        egos, queues)
 
     # ------------------------------------------------------------------ the clock
 
@@ -221,44 +220,50 @@ class SessionManager:
 
     async def _denoise(self, served: list[ServedSession], packed: dict[str, PackedConditions]) -> None:
         try:
-            result = await self.denoiser.push_many.remote(packed)
-        except Exception as err:
-            if actor_died(err):  # Serve starts a new replica, which will not know the queues
-                if self.denoiser_error is None:
-                    log.warning("the QueueServer replica stopped (%s); waiting for the new one", cause_of(err))
-                self.denoiser_error = DENOISER_RESTARTING
-                await asyncio.sleep(0.5)  # the next round tries again
-            else:
-                log.exception("the denoiser failed on a round; its frames are lost")
+            result, failed = await self.queues.push_many(packed)
+        except Exception:
+            log.exception("the denoiser failed on a round; its frames are lost")
             return
-        self.denoiser_error = None
-        if result.unknown:
-            await self._reopen([s for s in served if s.id in set(result.unknown)])
+        errors = []
+        for err in failed:
+            if actor_died(err):  # Serve starts a new replica; the queues there go elsewhere
+                errors.append(DENOISER_RESTARTING)
+                if self.denoiser_error is None:
+                    log.warning("a QueueServer replica stopped (%s); its sessions' queues are opened again", cause_of(err))
+            else:
+                log.error("a denoiser pipeline failed on a round; its frames are lost: %s", cause_of(err))
+        if result.unknown and not await self._reopen([s for s in served if s.id in set(result.unknown)]):
+            errors.append(DENOISER_RESTARTING)
+        self.denoiser_error = errors[0] if errors else None
         for s in served:
-            lost = result.restarted.get(s.id)
-            if lost is not None:
-                log.warning("driving session %s: denoiser queue rebuilt, %d frames lost", s.id, lost)
-                s.session.queue_rebuilt(lost)
             for frame in s.session.delivered(result.images.get(s.id, [])):
                 s.publisher.offer(frame)
             s.report_metrics()
 
-    async def _reopen(self, lost: list[ServedSession]) -> None:
-        """The QueueServer was restarted (its replica died) and holds no queue for these
-        sessions: each gets a new one, which warms up; the frames that were in the old queue,
-        and the one just refused, count as lost (`gap_frames`), and the session keeps its id,
-        its stream and its frame count."""
+    async def _reopen(self, lost: list[ServedSession]) -> bool:
+        """These sessions' queues are gone (the pipeline that held them was replaced or lost a
+        stage): each gets a new one, on the pipeline with the fewest sessions, which warms up;
+        the frames that were in the old queue, and the one just refused, count as lost
+        (`gap_frames`), and the session keeps its id, its stream and its frame count. Whether
+        every one got a queue (those that did not are tried again in the next round)."""
+        placed = True
         for s in lost:
             if self.sessions.get(s.id) is not s:
                 continue  # ended meanwhile
-            try:
-                await self.denoiser.open.remote(s.id, s.session.builder.num_views, s.options.get("seed"))
-            except Exception:
-                log.exception("driving session %s: cannot open a queue on the new denoiser", s.id)
+            # A pipeline that was just lost may be picked before it reports that it is: try others.
+            for attempt in range(1 + self.queues.pipelines):
+                try:
+                    await self.queues.open(s.id, s.session.builder.num_views, s.options.get("seed"))
+                    break
+                except Exception as err:
+                    why = cause_of(err)
+            else:
+                log.warning("driving session %s: no denoiser pipeline takes its queue now (%s)", s.id, why)
+                placed = False
                 continue
-            lost_frames = s.session.frames_in - s.session.frames_out
-            log.warning("driving session %s: the denoiser restarted, queue rebuilt, %d frames lost", s.id, lost_frames)
-            s.session.queue_rebuilt(lost_frames)
+            log.warning("driving session %s: its denoiser queue was lost and is rebuilt, %d frames lost",
+                        s.id, s.session.queue_rebuilt())
+        return placed
 
     async def _frames_out(self) -> None:
         """Wait until the last round's frames are out and handed to the publishers."""
@@ -327,13 +332,13 @@ class SessionManager:
         except Exception as err:  # e.g. the map has no free place left
             raise SessionLimit(f"no car could be added to the world: {cause_of(err)}") from None
         try:
-            depth = await self.denoiser.open.remote(session_id, builder.num_views, options.get("seed"))
+            depth = await self.queues.open(session_id, builder.num_views, options.get("seed"))
             control = VehicleControl()
             if autopilot:
                 control = await self.world.set_autopilot(ego_id, True)
             publisher = SessionPublisher(self.cfg, session_id, overlay, rtsp_url, record_path)
         except BaseException:
-            await self.denoiser.close.remote(session_id)
+            await self.queues.close(session_id)
             await self.world.remove_ego(ego_id)
             raise
         session = DrivingSession(
@@ -451,9 +456,9 @@ class SessionManager:
 
     @refusals
     async def pipelines(self) -> dict:
-        """The QueueServer's placement: per pipeline its sessions and stages (band, GPU ids, node),
-        and the hand-over totals between stages."""
-        return await self.denoiser.placement.remote()
+        """Where the model runs: per pipeline its tag, health, sessions, stages (band, GPU ids,
+        node) and the hand-over totals between its stages."""
+        return {"pipelines": await self.queues.placement()}
 
     @refusals
     async def next_frame(self, session_id: str, after: int, timeout: float) -> JpegFrame | None:
@@ -537,7 +542,7 @@ class SessionManager:
         served.ended_metrics()
         for step in (
             served.publisher.close(),
-            self.denoiser.close.remote(served.id),
+            self.queues.close(served.id),
             self.world.remove_ego(served.session.ego_id),
         ):
             try:

@@ -1,14 +1,13 @@
-"""The denoiser pool: P pipelines of B stage actors, one band of the queue per GPU.
+"""A denoiser pipeline of B stage actors, one band of the queue per GPU.
 
-With `pipeline.bands` B > 1 or `serve.pipelines` P > 1 the QueueServer replica does not run the
-model itself: it places P pipelines, each B `StageActor`s in a placement group (one bundle
-per stage with `serve.stage.num_gpus` GPUs; strategy `serve.stage.placement`, PACK by
-default: a pipeline's stages on one node when they fit, NVLink between them, spread over
-nodes when they must). Stage b of a pipeline holds band b of the queues of every session on
-that pipeline (`dwm.pipelines.stages.BandStage`), with the denoiser; the last stage also
-holds the decoder. The pool keeps each session's front (its noise, its phase and the text
-encoder, one for all pipelines), feeds the stages the new frames and takes the decoded
-frames from the last stage.
+With `pipeline.bands` B > 1 a QueueServer replica is one pipeline and does not run the model
+itself: its B `StageActor`s take the bundles of its placement group after its own (one per
+stage with `serve.stage.num_gpus` GPUs; strategy `serve.stage.placement`, PACK by default:
+a pipeline's stages on one node when they fit, NVLink between them, spread over nodes when
+they must). Stage b holds band b of the queues of every session on the pipeline
+(`dwm.pipelines.stages.BandStage`), with the denoiser; the last stage also holds the
+decoder. The replica keeps each session's front (its noise, its phase and the text encoder),
+feeds the stages the new frames and takes the decoded frames from the last stage.
 
 A round of a pipeline is one execution of its compiled graph (Ray Compiled Graphs,
 `serve.stage.compiled_graph`; `auto`, the default, where the stages have GPUs):
@@ -26,9 +25,9 @@ for stages without GPUs, because a stage waiting on a graph's channel spins its 
 (0.96 of a core per waiting stage, measured on a quiet 2-core machine), taking it from the
 stages with model work.
 
-A session joins the pipeline with the fewest sessions. When a stage dies, its pipeline is
-given up: its sessions are rebuilt on the healthy pipelines (a new queue that warms up
-again; the frames that were inside are lost and counted), keeping their ids and streams.
+When a stage dies the pipeline is given up (`PipelineLost`): its queues are gone, its replica
+fails Serve's health check and Serve starts a new one, and the session owners rebuild the
+queues of its sessions on the other pipelines (`deployments.pipeline_queues`).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import RayActorError, RayChannelError
 from ray.experimental.channel.cpu_communicator import CPUCommunicator
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.logs import route_library_logs
@@ -202,49 +201,6 @@ class Handover:
         }
 
 
-@dataclass
-class Pipeline:
-    index: int
-    stages: list  # StageActor handles, band order
-    group: object  # its placement group
-    graph: object | None = None  # its compiled graph (None: plain Ray calls)
-    sessions: set[str] = field(default_factory=set)
-    opened: dict[str, TextEmbedding] = field(default_factory=dict)  # for the next round
-    closed: list[str] = field(default_factory=list)  # for the next round
-    healthy: bool = True
-
-    def start(self, work: RoundInput):
-        """Start a round; `finish` waits for it."""
-        if self.graph is not None:
-            return self.graph.execute(work)
-        return [stage.step.remote(work) for stage in self.stages]
-
-    def finish(self, started) -> tuple[dict, list[float], list[dict]]:
-        """(session -> decoded views from the last stage, each stage's work in seconds, what
-        crossed each hand-over)."""
-        if self.graph is not None:
-            (out, last_s), *crossed = [ref.get(timeout=ROUND_TIMEOUT_S) for ref in started]
-        else:  # the coordinator carries each stage's hand-over to the next itself
-            steps = ray.get(started)
-            crossed = ray.get([stage.take.remote(handed) for stage, handed in zip(self.stages[1:], steps[:-1])])
-            out, last_s = steps[-1]
-        work = [c["previous_step_s"] + (crossed[b - 1]["take_s"] if b else 0.0) for b, c in enumerate(crossed)]
-        work.append(last_s + (crossed[-1]["take_s"] if crossed else 0.0))
-        return out, work, crossed
-
-    def stop(self) -> None:
-        """Tear its graph down and its stages and placement group."""
-        if self.graph is not None:
-            try:
-                self.graph.teardown()
-            except Exception:  # a stage already gone: nothing left to tear down there
-                pass
-            self.graph = None
-        for stage in self.stages:
-            ray.kill(stage, no_restart=True)
-        remove_placement_group(self.group)
-
-
 def compile_pipeline(stages: list, on_gpus: bool, transport: str = "auto") -> object:
     """The compiled graph of one round over `stages` (see the module docstring): every stage
     steps on the round's input, each stage b > 0 takes stage b-1's hand-over; the outputs are
@@ -265,155 +221,165 @@ def compile_pipeline(stages: list, on_gpus: bool, transport: str = "auto") -> ob
     return graph.experimental_compile(_submit_timeout=ROUND_TIMEOUT_S, _overlap_gpu_communication=on_gpus)
 
 
-class DenoiserPool:
-    """P pipelines of B stage actors, the text encoder and every session's front."""
+class PipelineLost(RuntimeError):
+    """A stage of the pipeline died: its queues are gone and it takes no more sessions."""
+
+
+class StagePipeline:
+    """One pipeline of B stage actors, the text encoder and its sessions' fronts.
+
+    Inside a Serve replica whose placement group has a bundle per stage after its own
+    (`deployments.builder`), stage b takes bundle b + 1; elsewhere (a test, a benchmark) the
+    pipeline makes a placement group of its own, one bundle per stage."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.plain = OmegaConf.to_container(cfg, resolve=True)
-        s, p = cfg.serve, cfg.pipeline
-        self.bands = int(p.bands)
-        bundle = {"CPU": float(s.stage.num_cpus)}
-        gpus = s.stage.num_gpus
-        if gpus is None:  # one GPU per stage where the model runs on GPUs
-            gpus = 1 if str(cfg.device).startswith("cuda") else 0
-        if gpus:
-            bundle["GPU"] = float(gpus)
+        s = cfg.serve
+        self.bands = int(cfg.pipeline.bands)
+        bundle = stage_bundle(cfg)
         # A stage waiting on a compiled graph's channel spins its CPU core: where the stages
         # have no GPUs of their own, that core is one the model needs.
-        use_graph = bool(gpus) if s.stage.compiled_graph == "auto" else bool(s.stage.compiled_graph)
-        self.pipelines: list[Pipeline] = []
-        self.name = f"dwm-stage-{secrets.token_hex(3)}"  # stage actors: {name}-p{pipeline}-b{band}
-        for i in range(int(s.pipelines)):
-            group = placement_group([dict(bundle) for _ in range(self.bands)], strategy=str(s.stage.placement))
-            if not group.wait(timeout_seconds=float(s.stage.start_timeout_s)):
-                raise RuntimeError(
-                    f"denoiser pipeline {i}: {self.bands} stages of {bundle} do not fit the cluster "
-                    f"(serve.pipelines={s.pipelines}, pipeline.bands={self.bands}, serve.stage.*); "
-                    f"it has {ray.cluster_resources()}"
-                )
-            stages = [
-                StageActor.options(
-                    name=f"{self.name}-p{i}-b{b}", num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b),
-                ).remote(self.plain, b)
-                for b in range(self.bands)
-            ]
-            ray.get([stage.where.remote() for stage in stages])  # built, or the error now
-            graph = compile_pipeline(stages, on_gpus=bool(gpus) and str(cfg.device).startswith("cuda"),
-                                     transport=str(s.stage.transport)) if use_graph else None
-            self.pipelines.append(Pipeline(i, stages, group, graph))
+        gpus = "GPU" in bundle
+        use_graph = gpus if s.stage.compiled_graph == "auto" else bool(s.stage.compiled_graph)
+        group, first = get_current_placement_group(), 1
+        self._own_group = group is None
+        if self._own_group:
+            group, first = placement_group([dict(bundle) for _ in range(self.bands)], strategy=str(s.stage.placement)), 0
+        if not group.wait(timeout_seconds=float(s.stage.start_timeout_s)):
+            raise RuntimeError(
+                f"denoiser pipeline: {self.bands} stages of {bundle} do not fit the cluster "
+                f"(serve.pipelines={s.pipelines}, pipeline.bands={self.bands}, serve.stage.*); "
+                f"it has {ray.cluster_resources()}"
+            )
+        self.group = group
+        self.name = f"dwm-stage-{secrets.token_hex(3)}"  # its stage actors: {name}-b{band}
+        self.stages = [
+            StageActor.options(
+                name=f"{self.name}-b{b}", num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + b),
+            ).remote(self.plain, b)
+            for b in range(self.bands)
+        ]
+        ray.get([stage.where.remote() for stage in self.stages])  # built, or the error now
+        on_gpus = gpus and str(cfg.device).startswith("cuda")
+        self.graph = compile_pipeline(self.stages, on_gpus, transport=str(s.stage.transport)) if use_graph else None
         self.text_encoder = build_text_encoder(cfg)  # one for every session: the prompt cache is shared
         self.fronts: dict[str, SessionFront] = {}
-        self.seeds: dict[str, int] = {}
-        self.where: dict[str, Pipeline] = {}
         self.frames_out: dict[str, int] = {}
+        self.opened: dict[str, TextEmbedding] = {}  # for the next round
+        self.closed: list[str] = []  # for the next round
         self.handover = Handover()
         self.latent_channels = int(cfg.model.denoiser.latent_channels)
+        self.lost = False
 
     # ------------------------------------------------------------------ sessions
 
     def open(self, session_id: str, views: int, seed: int | None) -> int:
-        """A new queue for the session on the least-loaded pipeline; returns its depth."""
-        self.seeds[session_id] = int(self.cfg.seed if seed is None else seed)
-        self.frames_out.setdefault(session_id, 0)
-        return self._attach(session_id, views)
-
-    def _attach(self, session_id: str, views: int) -> int:
-        pipeline = self._least_loaded()
+        """A new queue for the session; returns its depth."""
+        if self.lost:
+            raise PipelineLost("this denoiser pipeline lost a stage and takes no new sessions")
         p = self.cfg.pipeline
         shape = frame_shape(views, self.latent_channels, p.resolution)
-        front = QueueFront(queue_schedule(self.cfg), shape, self.seeds[session_id], p.text_interval)
+        front = QueueFront(queue_schedule(self.cfg), shape, int(self.cfg.seed if seed is None else seed), p.text_interval)
         self.fronts[session_id] = SessionFront(front, self.text_encoder, views)
-        self.where[session_id] = pipeline
-        pipeline.sessions.add(session_id)
-        pipeline.opened[session_id] = self.fronts[session_id].empty_text  # the stages open it with its next round
+        self.frames_out[session_id] = 0
+        self.opened[session_id] = self.fronts[session_id].empty_text  # the stages open it with its next round
         return front.schedule.depth
 
     def close(self, session_id: str) -> None:
-        pipeline = self.where.pop(session_id, None)
-        for table in (self.fronts, self.frames_out, self.seeds):
-            table.pop(session_id, None)
-        if pipeline is None:
+        if self.fronts.pop(session_id, None) is None:
             return
-        pipeline.sessions.discard(session_id)
-        if pipeline.opened.pop(session_id, None) is None:  # the stages hold it: drop it with the next round
-            pipeline.closed.append(session_id)
+        self.frames_out.pop(session_id, None)
+        if self.opened.pop(session_id, None) is None:  # the stages hold it: drop it with the next round
+            self.closed.append(session_id)
 
-    def _least_loaded(self) -> Pipeline:
-        healthy = [p for p in self.pipelines if p.healthy]
-        if not healthy:
-            raise RuntimeError("no denoiser pipeline is running: every one lost a stage")
-        return min(healthy, key=lambda p: (len(p.sessions), p.index))
+    @property
+    def sessions(self) -> list[str]:
+        return list(self.fronts)
 
     # ------------------------------------------------------------------ rounds
 
-    def push_many(self, frames: dict[str, PackedConditions]) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], dict[str, int]]:
-        """One round: each session's new conditions in, the frames that leave out.
-
-        Returns (session -> [(frame index, images (V, h, w, 3) uint8)], session -> frames lost by a
-        restart of its queue in this round). All pipelines' rounds run at once."""
-        started = []
-        for pipeline in self.pipelines:
-            mine = {sid: c for sid, c in frames.items() if self.where.get(sid) is pipeline}
-            if not pipeline.healthy or not mine:
-                continue
-            work = RoundInput([{} for _ in range(self.bands)], {}, pipeline.opened, pipeline.closed)
-            pipeline.opened, pipeline.closed = {}, []
-            for sid, conditions in mine.items():
-                pushed, entries = self.fronts[sid].enter(conditions)
-                for entry in entries:
-                    work.entering[entry.band].setdefault(sid, []).append(entry)
-                work.pushes[sid] = pushed
-            start = time.perf_counter()
-            try:
-                started.append((pipeline, start, pipeline.start(work)))
-            except STAGE_LOST:
-                started.append((pipeline, start, None))
+    def push_many(self, frames: dict[str, PackedConditions]) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """One round: each session's new conditions in, the frames that leave out: session ->
+        [(frame index, images (V, h, w, 3) uint8)]. Raises PipelineLost when a stage has died
+        (the queues are gone with it)."""
+        if self.lost:
+            raise PipelineLost("this denoiser pipeline lost a stage")
+        mine = {sid: c for sid, c in frames.items() if sid in self.fronts}
+        if not mine:
+            return {}
+        work = RoundInput([{} for _ in range(self.bands)], {}, self.opened, self.closed)
+        self.opened, self.closed = {}, []
+        for sid, conditions in mine.items():
+            pushed, entries = self.fronts[sid].enter(conditions)
+            for entry in entries:
+                work.entering[entry.band].setdefault(sid, []).append(entry)
+            work.pushes[sid] = pushed
+        start = time.perf_counter()
+        try:
+            images, work_s, crossed = self._finish(self._start(work))
+        except STAGE_LOST as err:
+            log.error("denoiser pipeline %s lost a stage (%s); its sessions %s lose their queues",
+                      self.name, type(err).__name__, sorted(self.fronts))
+            self.shutdown()
+            raise PipelineLost(f"a stage of this denoiser pipeline died: {type(err).__name__}") from None
+        self.handover.add(time.perf_counter() - start, work_s, crossed)
         out: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        restarted: dict[str, int] = {}
-        for pipeline, start, handle in started:
-            try:
-                if handle is None:
-                    raise RayChannelError("the pipeline's graph is closed")
-                images, work_s, crossed = pipeline.finish(handle)
-            except STAGE_LOST:
-                restarted.update(self._fail(pipeline))
-                continue
-            self.handover.add(time.perf_counter() - start, work_s, crossed)
-            for sid, views in images.items():
-                if sid in self.frames_out:
-                    out[sid] = [(self.frames_out[sid], views)]
-                    self.frames_out[sid] += 1
-        return out, restarted
-
-    def _fail(self, pipeline: Pipeline) -> dict[str, int]:
-        """Give up a pipeline that lost a stage; rebuild its sessions on the healthy ones.
-        Returns session -> frames that were inside its old queue (pushed, never out: lost)."""
-        pipeline.healthy = False
-        moving, pipeline.sessions = sorted(pipeline.sessions), set()
-        pipeline.opened, pipeline.closed = {}, []
-        log.error("denoiser pipeline %d lost a stage; moving its sessions %s", pipeline.index, moving)
-        pipeline.stop()
-        lost = {}
-        for sid in moving:
-            front = self.fronts[sid].front
-            lost[sid] = front.pushed - self.frames_out[sid]
-            self._attach(sid, front.frame_shape[0])
-        return lost
-
-    def placement(self) -> list[dict]:
-        """Per pipeline: healthy, sessions, and each stage's band, GPU ids and node."""
-        out = []
-        for pipeline in self.pipelines:
-            stages = ray.get([s.where.remote() for s in pipeline.stages]) if pipeline.healthy else []
-            out.append({"index": pipeline.index, "healthy": pipeline.healthy,
-                        "sessions": sorted(pipeline.sessions), "stages": stages})
+        for sid, views in images.items():
+            if sid in self.frames_out:
+                out[sid] = [(self.frames_out[sid], views)]
+                self.frames_out[sid] += 1
         return out
 
+    def _start(self, work: RoundInput):
+        """Start a round; `_finish` waits for it."""
+        if self.graph is not None:
+            return self.graph.execute(work)
+        return [stage.step.remote(work) for stage in self.stages]
+
+    def _finish(self, started) -> tuple[dict, list[float], list[dict]]:
+        """(session -> decoded views from the last stage, each stage's work in seconds, what
+        crossed each hand-over)."""
+        if self.graph is not None:
+            (out, last_s), *crossed = [ref.get(timeout=ROUND_TIMEOUT_S) for ref in started]
+        else:  # this process carries each stage's hand-over to the next itself
+            steps = ray.get(started)
+            crossed = ray.get([stage.take.remote(handed) for stage, handed in zip(self.stages[1:], steps[:-1])])
+            out, last_s = steps[-1]
+        work = [c["previous_step_s"] + (crossed[b - 1]["take_s"] if b else 0.0) for b, c in enumerate(crossed)]
+        work.append(last_s + (crossed[-1]["take_s"] if crossed else 0.0))
+        return out, work, crossed
+
+    def placement(self) -> list[dict]:
+        """Each stage's band, GPU ids, node and actor name (none once a stage is lost)."""
+        return [] if self.lost else ray.get([s.where.remote() for s in self.stages])
+
     def shutdown(self) -> None:
-        """Tear every pipeline down (its graph, stages and placement group)."""
-        for pipeline in self.pipelines:
-            if pipeline.healthy:
-                pipeline.healthy = False
-                pipeline.stop()
+        """Tear the graph, the stages and (when it made it) the placement group down."""
+        if self.lost:
+            return
+        self.lost = True
+        if self.graph is not None:
+            try:
+                self.graph.teardown()
+            except Exception:  # a stage already gone: nothing left to tear down there
+                pass
+            self.graph = None
+        for stage in self.stages:
+            ray.kill(stage, no_restart=True)
+        if self._own_group:
+            remove_placement_group(self.group)
+
+
+def stage_bundle(cfg: DictConfig) -> dict[str, float]:
+    """The Ray resources of one stage: `serve.stage.num_cpus` CPUs and `serve.stage.num_gpus`
+    GPUs (null: one where the model runs on CUDA)."""
+    s = cfg.serve.stage
+    bundle = {"CPU": float(s.num_cpus)}
+    gpus = s.num_gpus
+    if gpus is None:
+        gpus = 1 if str(cfg.device).startswith("cuda") else 0
+    if gpus:
+        bundle["GPU"] = float(gpus)
+    return bundle

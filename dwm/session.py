@@ -227,12 +227,15 @@ class DrivingSession:
             self._out_times.popleft()
         return frames
 
-    def queue_rebuilt(self, lost: int) -> None:
-        """The queue was rebuilt empty (a denoiser stage died): the `lost` frames in it never
-        come out; the new queue warms up and the frames go on."""
+    def queue_rebuilt(self) -> int:
+        """The queue was rebuilt empty (the denoiser pipeline holding it was lost): the frames
+        in it never come out; the new queue warms up and the frames go on. Returns how many
+        were lost."""
+        lost = len(self._queued)
         self.queue_restarts += 1
         self.gap_frames += lost
         self._queued.clear()
+        return lost
 
     def ego_replaced(self, ego_id: str) -> None:
         """The world lost the ego car (it was restarted) and holds this one for it now, given

@@ -1,6 +1,7 @@
-"""The Serve app on a 2-node cluster with declared GPUs: two denoiser pipelines of two stage
-actors, one per node (a pipeline's stages packed on one node), sessions on both; one node's
-stage dies and its session goes on, on the other pipeline, with the same stream.
+"""The Serve app on a 2-node cluster with declared GPUs: two denoiser pipelines (QueueServer
+replicas) of two stage actors, one per node (a pipeline's stages packed on one node), sessions
+on both; one node's stage dies, its session goes on, on the other pipeline, with the same
+stream, and Serve replaces the lost pipeline.
 
 `ray.cluster_utils.Cluster` starts real Ray nodes (raylets) in this machine; the GPUs are
 declared, the model runs on the CPU.
@@ -43,7 +44,7 @@ def cluster(ray_runtime):
 
 
 @pytest.mark.ray_cluster
-def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goes_on(cluster):
+def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_serve_replaces_the_pipeline(cluster):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
@@ -72,6 +73,9 @@ def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goe
 
     tokens = {s["id"]: s["token"] for s in sessions}
 
+    def pipelines():
+        return requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
+
     def state(sid):
         return requests.get(f"{base}/sessions/{sid}", headers={"Authorization": f"Bearer {tokens[sid]}"},
                             timeout=30).json()
@@ -82,8 +86,16 @@ def test_a_dead_stage_moves_its_session_to_the_other_pipeline_and_the_stream_goe
     for reader in readers:
         assert reader.error is None, reader.error
         assert reader.indices == sorted(reader.indices) and len(set(reader.indices)) == len(reader.indices)
-    after = requests.get(f"{base}/pipelines", timeout=60).json()["pipelines"]
-    assert after[0]["healthy"] is False and sorted(after[1]["sessions"]) == sorted(s["id"] for s in sessions)
+    survivor = next(p for p in placement if p is not victim)
+    assert moved in next(p for p in pipelines() if p["pipeline"] == survivor["pipeline"])["sessions"]
+    # Serve replaces the lost pipeline (its replica fails the health check): two healthy
+    # pipelines again, the new one with stages of its own.
+    def replaced() -> bool:
+        now = pipelines()
+        return (len(now) == 2 and victim["pipeline"] not in {p["pipeline"] for p in now}
+                and all(p["healthy"] and len(p["stages"]) == 2 for p in now))
+
+    eventually(replaced, "Serve to replace the lost pipeline")
     moved_state = state(moved)
     assert moved_state["stats"]["gap_frames"] > 0 and moved_state["streams"]["mjpeg"].split("?token=")[0].endswith(f"/sessions/{moved}/video.mjpg")
     other = next(s["id"] for s in sessions if s["id"] != moved)
