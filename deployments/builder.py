@@ -23,6 +23,7 @@ from deployments.queue_server import QueueServer
 from deployments.routing import OwnerRouter
 from deployments.ingress import Ingress
 from deployments.sessions import SessionManager
+from deployments.pipeline_scaling import scaling_options
 from deployments.settings import ServeSettings
 from deployments.stages import stage_bundle
 from deployments.world import WorldActor
@@ -66,7 +67,7 @@ def app(args: dict[str, str] | None = None) -> Application:
         request_router_config=by_owner, **stop,
     ).bind(plain)
     denoiser = QueueServer.options(
-        num_replicas=int(s.pipelines), request_router_config=by_owner, **pipeline_resources(cfg), **stop
+        request_router_config=by_owner, **scaling_options(cfg), **pipeline_resources(cfg), **stop
     ).bind(plain)
     sessions = SessionManager.options(
         num_replicas=int(s.sessions.owners), ray_actor_options=dict(num_cpus=s.sessions.num_cpus),
@@ -117,6 +118,12 @@ def check(cfg: DictConfig) -> None:
     s, p = cfg.serve, cfg.pipeline
     if s.denoiser.num_gpus > 0 and str(cfg.device) == "cpu":
         raise ConfigError(f"serve.denoiser.num_gpus={s.denoiser.num_gpus} needs a GPU device: set device=cuda")
+    if s.max_pipelines is not None and s.max_pipelines < s.pipelines:
+        raise ConfigError(f"serve.max_pipelines={s.max_pipelines}: at least serve.pipelines ({s.pipelines}), "
+                          "the pipelines that always run")
+    if s.max_pipelines is not None and s.max_pipelines > s.pipelines and s.pipeline_sessions is None:
+        raise ConfigError(f"serve.max_pipelines={s.max_pipelines} adds pipelines when sessions wait for room: "
+                          "set serve.pipeline_sessions, the sessions a pipeline takes")
     if p.cfg_parallel and p.bands != 1:
         raise ConfigError(
             f"pipeline.cfg_parallel=true runs with pipeline.bands=1 (got {p.bands}): "

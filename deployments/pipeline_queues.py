@@ -4,61 +4,108 @@ The owner (a SessionManager replica) calls these as it would call one QueueServe
 pipeline is a QueueServer replica: a new session's queue goes to the pipeline with the
 fewest sessions, and every later call about it to the pipeline that holds it
 (`deployments.routing`). A round pushes to all the owner's pipelines at once and merges what
-they give back. A pipeline that is gone (Serve replaced its replica) or lost a stage answers
-that it holds no queue for its sessions (`DenoisedRound.unknown`): the owner opens them again.
+they give back.
+
+A session waits (no queue, no frames) while no pipeline takes it: every one is full
+(`serve.pipeline_sessions`), or the one that held its queue was lost and no other has taken
+it yet. The owner tries again each round (`place_waiting`), and reports how many sessions
+want a queue (`report`): what Serve's autoscaler adds pipelines for
+(`deployments.pipeline_scaling`). A pipeline that is gone (Serve replaced its replica) or lost
+a stage answers that it holds no queue for its sessions (`DenoisedRound.unknown`): they wait
+for a new queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-
 from ray.serve.handle import DeploymentHandle
 
 from deployments.queue_server import DenoisedRound
 from deployments.routing import owner_key, routed, slot_key
-from deployments.served import actor_died
+from deployments.served import actor_died, cause_of
 from dwm.conditions.packed import PackedConditions
+
+QUEUE_LOST = "the denoiser pipeline that held its queue is gone; waiting for a new queue"
 
 
 class PipelineQueues:
-    """handle: the QueueServer deployment's. pipelines: its replicas (`serve.pipelines`)."""
+    """handle: the QueueServer deployment's. pipelines: the most replicas it has
+    (`serve.pipelines`, or `serve.max_pipelines` with autoscaling)."""
 
-    def __init__(self, handle: DeploymentHandle, pipelines: int = 1):
-        self.handle, self.pipelines = handle, pipelines
+    def __init__(self, handle: DeploymentHandle, owner: str, pipelines: int = 1):
+        self.handle, self.owner, self.pipelines = handle, owner, pipelines
         self._pipeline_of: dict[str, str] = {}  # session -> the tag of the pipeline holding its queue
+        self._queue: dict[str, tuple[int, int | None]] = {}  # session -> its queue's views and seed
+        self.waiting: dict[str, str] = {}  # sessions without a queue now -> why (what the last pipeline asked said)
+        self._reported = 0  # sessions last reported
 
     def _call(self, key: str, method: str, *args):
         return getattr(routed(self.handle, key), method).remote(*args)
 
-    async def open(self, session_id: str, views: int, seed: int | None = None) -> int:
-        """A new queue for the session on the least-loaded pipeline; its depth."""
-        opened = await self._call("", "open", session_id, views, seed)
-        self._pipeline_of[session_id] = opened["pipeline"]
-        return int(opened["depth"])
+    def placed(self, session_id: str) -> bool:
+        return session_id in self._pipeline_of
+
+    def why_waiting(self, session_id: str) -> str | None:
+        return self.waiting.get(session_id)
+
+    async def open(self, session_id: str, views: int, seed: int | None = None, attempts: int = 1) -> bool:
+        """A new queue for the session on the least-loaded pipeline (asking up to `attempts`
+        of them): whether it has one; if not, it waits (`why_waiting`)."""
+        self._queue[session_id] = (views, seed)
+        why = "no denoiser pipeline was asked"
+        for _ in range(attempts):
+            try:
+                opened = await self._call("", "open", session_id, views, seed)
+            except Exception as err:  # full, lost, or its replica stopping: the next may take it
+                why = cause_of(err)
+                continue
+            self._pipeline_of[session_id] = opened["pipeline"]
+            self.waiting.pop(session_id, None)
+            return True
+        self.waiting[session_id] = why
+        return False
+
+    async def place_waiting(self) -> list[str]:
+        """Ask once more for a queue for each waiting session; the sessions that got one."""
+        placed = []
+        for session_id in list(self.waiting):
+            if await self.open(session_id, *self._queue[session_id]):
+                placed.append(session_id)
+        return placed
+
+    async def report(self) -> None:
+        """Tell the first pipeline how many of this owner's sessions want a queue, placed or
+        waiting (each round while there are any, and once when none are left: a report is
+        forgotten after a while). The first of them all: one count per owner, whichever
+        pipeline it reached before."""
+        n = len(self._queue)
+        if n or self._reported:
+            await self._call(slot_key(0), "sessions_wanting", self.owner, n)
+            self._reported = n
 
     async def close(self, session_id: str) -> None:
+        self.waiting.pop(session_id, None)
+        self._queue.pop(session_id, None)
         tag = self._pipeline_of.pop(session_id, None)
         if tag is not None:
             await self._call(owner_key(tag), "close", session_id)
 
     async def push_many(self, frames: dict[str, PackedConditions]) -> tuple[DenoisedRound, list[Exception]]:
         """One round on every pipeline holding some of these sessions, all at once. Returns
-        what they gave back, merged, and the errors of those that failed: the sessions of a
-        pipeline whose replica died are `unknown` (their queues died with it). (These calls are
-        made from the owner's rounds, outside any request: see `deployments.routing`.)"""
+        what they gave back, merged, and the errors of those that failed. The sessions whose
+        queue is gone (`unknown`: their pipeline is new, lost a stage, or its replica died)
+        now wait for a new one. (These calls are made from the owner's rounds, outside any
+        request: see `deployments.routing`.)"""
         by_pipeline: dict[str, dict[str, PackedConditions]] = {}
-        unknown = []
         for session_id, conditions in frames.items():
             tag = self._pipeline_of.get(session_id)
-            if tag is None:
-                unknown.append(session_id)
-            else:
+            if tag is not None:  # a waiting session has nothing to push to
                 by_pipeline.setdefault(tag, {})[session_id] = conditions
         results = await asyncio.gather(
             *[self._call(owner_key(tag), "push_many", mine) for tag, mine in by_pipeline.items()],
             return_exceptions=True,
         )
-        merged, failed = DenoisedRound(unknown=unknown), []
+        merged, failed = DenoisedRound(), []
         for mine, result in zip(by_pipeline.values(), results):
             if isinstance(result, Exception):
                 failed.append(result)
@@ -67,6 +114,9 @@ class PipelineQueues:
                 continue
             merged.images.update(result.images)
             merged.unknown.extend(result.unknown)
+        for session_id in merged.unknown:
+            self._pipeline_of.pop(session_id, None)
+            self.waiting[session_id] = QUEUE_LOST
         return merged, failed
 
     async def placement(self) -> list[dict]:

@@ -41,6 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments import metrics
 from deployments.logs import route_library_logs
 from deployments.memory import HeapTrimmer
+from deployments.pipeline_scaling import autoscaled
 from deployments.routing import LOAD_STAT, replica_tag
 from deployments.stages import STAGE_LOST, PipelineLost, StagePipeline, queue_schedule
 from dwm.conditions.packed import PackedConditions
@@ -49,6 +50,11 @@ from dwm.pipelines.streaming import StreamingPipeline, push_many
 
 log = logging.getLogger("ray.serve")
 LOST_LOAD = 1e9  # the load a lost pipeline reports: no new session goes there
+WANTED_TTL_S = 10.0  # s an owner's report of its sessions counts (owners report every round)
+
+
+class PipelineFull(RuntimeError):
+    """The pipeline holds `serve.pipeline_sessions` sessions already."""
 
 
 @dataclass
@@ -150,6 +156,9 @@ class QueueServer:
         else:
             self.queues = SessionQueues(self.cfg)
         self.lost: str | None = None  # why this pipeline lost its queues and takes no new sessions
+        capacity = self.cfg.serve.pipeline_sessions
+        self.capacity = None if capacity is None else int(capacity)  # sessions it takes at most
+        self._wanted: dict[str, tuple[int, float]] = {}  # owner -> its sessions that want a queue, when it said so
         # Serve runs sync methods on a thread pool; the model and the queues are used by one
         # call at a time.
         self._lock = threading.Lock()
@@ -161,6 +170,7 @@ class QueueServer:
         # Model calls per round: s steps per shift, one call each for the B windows at once
         # (batch_bands) or one per window.
         schedule = queue_schedule(self.cfg)
+        self._autoscaled = autoscaled(self.cfg)
         self._calls_per_round = schedule.steps_per_shift * (1 if self.cfg.pipeline.batch_bands else schedule.bands)
 
     def open(self, session_id: str, views: int, seed: int | None = None) -> dict:
@@ -169,6 +179,12 @@ class QueueServer:
         with self._lock:
             if self.lost:
                 raise PipelineLost(f"denoiser pipeline {self.tag} takes no sessions: {self.lost}")
+            if self.capacity is not None and len(self._pushed) >= self.capacity:
+                raise PipelineFull(
+                    f"every denoiser pipeline is full (each takes {self.capacity} at most, config "
+                    "serve.pipeline_sessions): the session waits for room"
+                    + (" (Serve adds pipelines up to serve.max_pipelines)" if self._autoscaled else "")
+                )
             self._pushed[session_id] = time.monotonic()
             if self.stages:
                 depth = self.stages.open(session_id, views, seed)
@@ -252,6 +268,18 @@ class QueueServer:
         """Serve's health check: a pipeline that lost its queues is replaced."""
         if self.lost:
             raise RuntimeError(f"denoiser pipeline {self.tag} is lost: {self.lost}")
+
+    def sessions_wanting(self, owner: str, n: int) -> None:
+        """A session owner's count of its sessions that want a queue (those placed and those
+        waiting for room), which it reports to one pipeline (`PipelineQueues.report`)."""
+        self._wanted[owner] = (int(n), time.monotonic())
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's autoscaler weighs (`deployments.pipeline_scaling`): the sessions held
+        here, and the sessions that want a queue as the owners lately reported them here."""
+        now = time.monotonic()
+        wanted = sum(n for n, at in self._wanted.values() if at > now - WANTED_TTL_S)
+        return {"sessions": float(len(self._pushed)), "wanted": float(wanted)}
 
     def record_routing_stats(self) -> dict:
         """What Serve's router weighs when it places a new session's queue here: the sessions

@@ -150,7 +150,9 @@ class ModelInfo(BaseModel):
 
 class SessionState(BaseModel):
     id: str
-    state: Literal["warming", "running", "world unavailable", "denoiser unavailable"]
+    state: Literal["waiting", "warming", "running", "world unavailable", "denoiser unavailable"] = Field(
+        description="waiting: for room on a denoiser pipeline (all are full, or its queue was lost; `error` says "
+                    "which); warming: its queue fills before the first picture; running: pictures come")
     progress: float = Field(ge=0.0, le=1.0, description="how far the queue's warm-up is: the frames pushed of those "
                             "it takes until the first picture (stats.queue_depth + 1); 1 once pictures come")
     error: str | None = Field(description="why the session makes no frames now (the world or the denoiser cannot "

@@ -111,15 +111,18 @@ class ServedSession:
         return next((v for v in self.view_tokens if token and secrets.compare_digest(given, v.encode("utf-8"))), None)
 
     def state(self, sim_time: float, world_error: str | None = None, view_token: str | None = None,
-              denoiser_error: str | None = None) -> dict:
+              denoiser_error: str | None = None, waiting: str | None = None) -> dict:
         """The session's answer (`schemas.SessionState`); sim_time: the world's now; view_token:
         the viewer token in its stream URLs; world_error / denoiser_error: why that part cannot
-        be reached now, if it cannot (the world's reason first)."""
+        be reached now, if it cannot (the world's reason first); waiting: why the session has
+        no denoiser queue now, if it has none."""
         stats = self.session.stats(sim_time)
         if world_error:
             state = "world unavailable"
         elif denoiser_error:
             state = "denoiser unavailable"
+        elif waiting:
+            state = "waiting"
         else:
             state = "running" if stats.frames_out else "warming"
         latency_s = stats.control_latency_s
@@ -129,7 +132,7 @@ class ServedSession:
             "id": self.id,
             "state": state,
             "progress": progress,
-            "error": world_error or denoiser_error,
+            "error": world_error or denoiser_error or waiting,
             "ego": self.session.ego_id,
             "cameras": list(self.session.builder.rig.names),
             "model": self.model,

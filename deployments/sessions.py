@@ -31,10 +31,12 @@ from deployments.errors import (
 from deployments.logs import route_library_logs
 from deployments.memory import HeapTrimmer
 from deployments.pipeline_queues import PipelineQueues
+from deployments.pipeline_scaling import autoscaled
 from deployments.world_groups import WorldGroups
 from deployments.publisher import JpegFrame, SessionPublisher, StreamClosed
 from deployments.routing import LOAD_STAT, owned_by, owner_of, replica_tag
 from deployments.schemas import LAYOUT_KINDS
+from deployments.stages import queue_schedule
 from deployments.served import (
     MAX_VIEW_TOKENS, EndedSessions, ServedSession, actor_died, cause_of, new_session_id, unknown_ego, world_unavailable,
 )
@@ -52,6 +54,7 @@ log = logging.getLogger("ray.serve")
 # A session's `error` while Serve replaces a replica that died.
 WORLD_RESTARTING = ("the world simulator stopped and Serve is starting a new one: the session goes on "
                     "by itself with a new car in the new world (stats.ego_restarts)")
+WAIT_FOR_ROOM_S = 0.5  # s between asks for a queue while every session waits for one
 DENOISER_RESTARTING = ("the denoiser stopped and Serve is starting a new one: the session goes on by itself "
                        "with a new queue, the frames in the old one lost (stats.queue_restarts, gap_frames)")
 
@@ -72,7 +75,9 @@ class SessionManager:
         self.max_sessions = -(-int(s.max_sessions) // self.owners)  # this owner's share
         group_size = s.world.group_size
         self.world = WorldGroups(world, self.tag, None if group_size is None else int(group_size), int(s.world.replicas))
-        self.queues = PipelineQueues(denoiser, int(s.pipelines))
+        self.autoscaled = autoscaled(self.cfg)
+        self.queues = PipelineQueues(denoiser, self.tag, int(s.max_pipelines if self.autoscaled else s.pipelines))
+        self.depth = queue_schedule(self.cfg).depth  # every pipeline's queues are this deep
         self.sessions: dict[str, ServedSession] = {}
         self.ended = EndedSessions()
         self._trimmer = HeapTrimmer(s.trim_every_s)
@@ -144,6 +149,11 @@ class SessionManager:
         round's conditions while this one observes and builds; a session's pushes stay in order
         (one push in flight at a time)."""
         started = time.perf_counter()
+        await self._place_waiting()
+        served = [s for s in served if self.queues.placed(s.id)]
+        if not served:  # every session waits for room on a pipeline
+            await asyncio.sleep(WAIT_FOR_ROOM_S)
+            return
         sessions = {s.id: s.session for s in served}
         seen = {key: session.controls_applied for key, session in sessions.items()}  # before observing
         observed = await self.world.observe_many([session.ego_id for session in sessions.values()])
@@ -158,8 +168,10 @@ class SessionManager:
         # The last round's frames first: a queue it finds rebuilt loses what was pushed up to
         # it, not these conditions, which go into the new queue.
         await self._frames_out()
-        for key, session in sessions.items():
-            session.pushed(observations[key], conditions[key], seen[key])
+        served = [s for s in served if self.queues.placed(s.id)]  # a queue lost meanwhile takes nothing
+        for s in served:
+            s.session.pushed(observations[s.id], conditions[s.id], seen[s.id])
+        packed = {s.id: packed[s.id] for s in served}
         self._denoising = asyncio.create_task(self._denoise(served, packed))
         if tick is not None:
             self.sim_time = await tick
@@ -224,46 +236,42 @@ class SessionManager:
         except Exception:
             log.exception("the denoiser failed on a round; its frames are lost")
             return
-        errors = []
+        died = [err for err in failed if actor_died(err)]  # Serve starts a new replica in its place
+        if died and self.denoiser_error is None:
+            log.warning("a QueueServer replica stopped (%s); its sessions' queues are opened again", cause_of(died[0]))
         for err in failed:
-            if actor_died(err):  # Serve starts a new replica; the queues there go elsewhere
-                errors.append(DENOISER_RESTARTING)
-                if self.denoiser_error is None:
-                    log.warning("a QueueServer replica stopped (%s); its sessions' queues are opened again", cause_of(err))
-            else:
+            if not actor_died(err):
                 log.error("a denoiser pipeline failed on a round; its frames are lost: %s", cause_of(err))
-        if result.unknown and not await self._reopen([s for s in served if s.id in set(result.unknown)]):
-            errors.append(DENOISER_RESTARTING)
-        self.denoiser_error = errors[0] if errors else None
+        self.denoiser_error = DENOISER_RESTARTING if died else None
+        lost = set(result.unknown)
         for s in served:
+            if s.id in lost:
+                log.warning("driving session %s: its denoiser queue was lost, %d frames with it; a new one warms up",
+                            s.id, s.session.queue_rebuilt())
             for frame in s.session.delivered(result.images.get(s.id, [])):
                 s.publisher.offer(frame)
             s.report_metrics()
+        if lost:  # at once: a pipeline that was just lost may be picked before it says so, so try others
+            await self._place_waiting(attempts=1 + self.queues.pipelines)
 
-    async def _reopen(self, lost: list[ServedSession]) -> bool:
-        """These sessions' queues are gone (the pipeline that held them was replaced or lost a
-        stage): each gets a new one, on the pipeline with the fewest sessions, which warms up;
-        the frames that were in the old queue, and the one just refused, count as lost
-        (`gap_frames`), and the session keeps its id, its stream and its frame count. Whether
-        every one got a queue (those that did not are tried again in the next round)."""
-        placed = True
-        for s in lost:
-            if self.sessions.get(s.id) is not s:
-                continue  # ended meanwhile
-            # A pipeline that was just lost may be picked before it reports that it is: try others.
-            for attempt in range(1 + self.queues.pipelines):
-                try:
-                    await self.queues.open(s.id, s.session.builder.num_views, s.options.get("seed"))
-                    break
-                except Exception as err:
-                    why = cause_of(err)
-            else:
-                log.warning("driving session %s: no denoiser pipeline takes its queue now (%s)", s.id, why)
-                placed = False
-                continue
-            log.warning("driving session %s: its denoiser queue was lost and is rebuilt, %d frames lost",
-                        s.id, s.session.queue_rebuilt())
-        return placed
+    async def _place_waiting(self, attempts: int = 1) -> None:
+        """Ask for a queue for each session that waits for one (the pipelines were full, or its
+        queue was lost): it keeps its id, stream and frame count, and its new queue warms up.
+        With autoscaling, then tell the pipelines how many sessions want one."""
+        for session_id in list(self.queues.waiting):
+            if session_id not in self.sessions:
+                continue  # starting (its creation asks itself) or ended (and given back)
+            if await self.queues.open(session_id, *self._queue_options(self.sessions[session_id]), attempts=attempts):
+                log.info("driving session %s has a denoiser queue", session_id)
+        if self.autoscaled:
+            try:
+                await self.queues.report()
+            except Exception:
+                log.exception("reporting the sessions that want a denoiser queue")
+
+    def _queue_options(self, served: ServedSession) -> tuple[int, int | None]:
+        """(views, seed) of the session's queue."""
+        return served.session.builder.num_views, served.options.get("seed")
 
     async def _frames_out(self) -> None:
         """Wait until the last round's frames are out and handed to the publishers."""
@@ -332,7 +340,8 @@ class SessionManager:
         except Exception as err:  # e.g. the map has no free place left
             raise SessionLimit(f"no car could be added to the world: {cause_of(err)}") from None
         try:
-            depth = await self.queues.open(session_id, builder.num_views, options.get("seed"))
+            # No pipeline with room: the session waits for one (its state says so).
+            await self.queues.open(session_id, builder.num_views, options.get("seed"), attempts=1 + self.queues.pipelines)
             control = VehicleControl()
             if autopilot:
                 control = await self.world.set_autopilot(ego_id, True)
@@ -342,7 +351,7 @@ class SessionManager:
             await self.world.remove_ego(ego_id)
             raise
         session = DrivingSession(
-            ego_id, builder, depth, control=control, autopilot=autopilot, fps_window=float(self.cfg.serve.fps_window)
+            ego_id, builder, self.depth, control=control, autopilot=autopilot, fps_window=float(self.cfg.serve.fps_window)
         )
         served = ServedSession(
             session_id, token, session, publisher,
@@ -363,13 +372,13 @@ class SessionManager:
         for s in self.sessions.values():
             view_token = s.view_token_for(token)
             if view_token or self.public_viewing:
-                out.append(s.state(self.sim_time, self.world_error, view_token, self.denoiser_error))
+                out.append(self._state(s, view_token))
         return out
 
     @refusals
     def get(self, session_id: str, token: str | None = None) -> dict:
         served, view_token = self._viewed(session_id, token)
-        return served.state(self.sim_time, self.world_error, view_token, self.denoiser_error)
+        return self._state(served, view_token)
 
     @refusals
     def share(self, session_id: str, token: str | None) -> dict:
@@ -428,7 +437,7 @@ class SessionManager:
         elif record is False:
             await served.publisher.stop_recording()
         served.options["record"] = served.publisher.recording_path is not None
-        return served.state(self.sim_time, self.world_error, served.watch, self.denoiser_error)
+        return self._state(served, served.watch)
 
     @refusals
     async def recording(self, session_id: str, token: str | None) -> tuple[str, bytes]:
@@ -506,6 +515,10 @@ class SessionManager:
                                   "stopped and a new one took its place; start a new session (POST /sessions)")
             raise SessionNotFound(f"no driving session {session_id!r}; GET /sessions lists them")
         return served
+
+    def _state(self, served: ServedSession, view_token: str | None) -> dict:
+        return served.state(self.sim_time, self.world_error, view_token, self.denoiser_error,
+                            waiting=self.queues.why_waiting(served.id))
 
     def record_routing_stats(self) -> dict:
         """What Serve's router weighs when it places a new session here: the sessions held."""

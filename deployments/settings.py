@@ -71,5 +71,8 @@ class ServeSettings(Schema):
     sessions: SessionsSettings
     world: WorldSettings
     pipelines: PositiveInt
+    pipeline_sessions: PositiveInt | None
+    max_pipelines: PositiveInt | None
+    pipeline_idle_s: Annotated[float, Field(ge=0.0)]
     stage: StageSettings
     denoiser: DenoiserSettings
