@@ -1,13 +1,14 @@
 """The Serve app on a simulated 4-node cluster: how the work of each actor kind grows with the
 sessions, with one session owner against several (`serve.sessions.owners`, with as many World
-replicas), in the same run.
+replicas) and one denoiser pipeline against several (`serve.pipelines`), in the same run.
 
     python -m bench.bench_cluster                                  # 1:8, 1:16, 2:8, 4:16 (owners:sessions)
+    python -m bench.bench_cluster --runs 1:8:1,4:8:4 --seconds 45  # owners:sessions:pipelines
     python -m bench.bench_cluster --runs 1:16,1:32,4:16,4:32 --seconds 120
 
 `ray.cluster_utils.Cluster` starts a head and 3 worker nodes (real raylets) on this machine,
 each declaring a GPU; the tiny model at its smallest settings runs on the CPU. For each
-owners:sessions pair the app is deployed, the sessions are started on autopilot, and once every
+owners:sessions[:pipelines] run (one pipeline unless given) the app is deployed, the sessions are started on autopilot, and once every
 one has made a frame, each Serve replica's CPU time (/proc: user + system) and each session's
 frames are measured over `--seconds`. Printed per run: CPU seconds per frame of each actor kind
 (all its replicas), the busiest replica of each kind as CPU seconds per second (its load) and
@@ -64,10 +65,10 @@ def frames_out(base: str) -> dict[str, int]:
     return {s["id"]: s["stats"]["frames_out"] for s in requests.get(f"{base}/sessions", timeout=120).json()}
 
 
-def measure(base: str, owners: int, sessions: int, seconds: float) -> dict:
-    app = f"cluster-{owners}-{sessions}"
+def measure(base: str, owners: int, sessions: int, pipelines: int, seconds: float) -> dict:
+    app = f"cluster-{owners}-{sessions}-{pipelines}"
     overrides = {**SMALLEST, "serve.sessions.owners": str(owners), "serve.world.replicas": str(owners),
-                 "serve.max_sessions": str(sessions)}
+                 "serve.max_sessions": str(sessions), "serve.pipelines": str(pipelines)}
     serve.run(deployments.app(overrides), name=app, route_prefix="/")
     try:
         for _ in range(sessions):
@@ -81,6 +82,7 @@ def measure(base: str, owners: int, sessions: int, seconds: float) -> dict:
         cpu0, frames0, t0 = replica_cpu(app), frames_out(base), time.monotonic()
         time.sleep(seconds)
         cpu1, frames1, t1 = replica_cpu(app), frames_out(base), time.monotonic()
+        placed = sorted(len(p["sessions"]) for p in requests.get(f"{base}/pipelines", timeout=120).json()["pipelines"])
     finally:
         serve.delete(app)
     wall = t1 - t0
@@ -97,7 +99,7 @@ def measure(base: str, owners: int, sessions: int, seconds: float) -> dict:
     per_session = list(made.values())
     mean = statistics.mean(per_session)
     return {
-        "owners": owners, "sessions": sessions, "frames": total_frames, "wall": wall,
+        "owners": owners, "sessions": sessions, "pipelines": pipelines, "placed": placed, "frames": total_frames, "wall": wall,
         "frames_range": (min(per_session), max(per_session)),
         "spread": (max(per_session) - min(per_session)) / mean if mean else float("nan"),
         "kinds": {kind: {"cpu_per_frame": k["cpu"] / max(total_frames, 1), "busiest_load": k["busiest"] / wall,
@@ -108,10 +110,11 @@ def measure(base: str, owners: int, sessions: int, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="1:8,1:16,2:8,4:16", help="owners:sessions pairs, in order")
+    parser.add_argument("--runs", default="1:8,1:16,2:8,4:16",
+                        help="owners:sessions[:pipelines] runs, in order (one pipeline unless given)")
     parser.add_argument("--seconds", type=float, default=90.0, help="measured window of each run")
     args = parser.parse_args()
-    runs = [tuple(int(x) for x in pair.split(":")) for pair in args.runs.split(",")]
+    runs = [(*(int(x) for x in run.split(":")), 1)[:3] for run in args.runs.split(",")]
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False,
                                                             "object_store_memory": 300 * 2**20})
@@ -126,10 +129,11 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     results = []
     try:
-        for owners, sessions in runs:
-            results.append(measure(base, owners, sessions, args.seconds))
+        for owners, sessions, pipelines in runs:
+            results.append(measure(base, owners, sessions, pipelines, args.seconds))
             r = results[-1]
-            print(f"owners {owners}, {sessions} sessions: {r['frames']} frames in {r['wall']:.0f} s", flush=True)
+            print(f"owners {owners}, {sessions} sessions, {pipelines} pipelines (sessions on each: {r['placed']}): "
+                  f"{r['frames']} frames in {r['wall']:.0f} s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -139,9 +143,9 @@ def main() -> None:
           f"{' '.join(f'{k}={v}' for k, v in SMALLEST.items() if k.startswith('pipeline'))}; "
           f"measured over {args.seconds:.0f} s once every session has made a frame\n")
     kinds = sorted({kind for r in results for kind in r["kinds"]})
-    print("| owners | sessions | frames per session (spread) | " + " | ".join(
+    print("| owners | pipelines | sessions | frames per session (spread) | " + " | ".join(
         f"{k}: CPU s/frame, busiest load, its share" for k in kinds) + " |")
-    print("|---|---|---|" + "---|" * len(kinds))
+    print("|---|---|---|---|" + "---|" * len(kinds))
     for r in results:
         cells = []
         for kind in kinds:
@@ -149,7 +153,7 @@ def main() -> None:
             cells.append("-" if k is None else
                          f"{k['cpu_per_frame']:.3f}, {k['busiest_load']:.2f}, {100 * k['busiest_share']:.0f} % ({k['replicas']})")
         lo, hi = r["frames_range"]
-        print(f"| {r['owners']} | {r['sessions']} | {lo}-{hi} ({100 * r['spread']:.0f} %) | " + " | ".join(cells) + " |")
+        print(f"| {r['owners']} | {r['pipelines']} | {r['sessions']} | {lo}-{hi} ({100 * r['spread']:.0f} %) | " + " | ".join(cells) + " |")
     print("\nbusiest load: the busiest replica's CPU seconds per second; its share: of all the replicas' CPU "
           "in the run; (n): replicas of that kind")
 

@@ -2,7 +2,9 @@
 
 The owner (a SessionManager replica) calls these as it would call one QueueServer. Each
 pipeline is a QueueServer replica: a new session's queue goes to the pipeline with the
-fewest sessions, and every later call about it to the pipeline that holds it
+fewest sessions (asked of each when queues are placed: the owners place theirs
+independently, and the loads Serve's router hears every second would let two owners fill
+the same pipeline), and every later call about it to the pipeline that holds it
 (`deployments.routing`). A round pushes to all the owner's pipelines at once and merges what
 they give back.
 
@@ -48,29 +50,47 @@ class PipelineQueues:
     def why_waiting(self, session_id: str) -> str | None:
         return self.waiting.get(session_id)
 
-    async def open(self, session_id: str, views: int, seed: int | None = None, attempts: int = 1) -> bool:
-        """A new queue for the session on the least-loaded pipeline (asking up to `attempts`
-        of them): whether it has one; if not, it waits (`why_waiting`)."""
-        self._queue[session_id] = (views, seed)
-        why = "no denoiser pipeline was asked"
-        for _ in range(attempts):
+    async def loads(self) -> dict[str, float]:
+        """Each pipeline's sessions, by its tag (asked of each, one after the other; one that
+        does not answer, e.g. stopping, is left out)."""
+        loads = {}
+        for k in range(self.pipelines):
             try:
-                opened = await self._call("", "open", session_id, views, seed)
-            except Exception as err:  # full, lost, or its replica stopping: the next may take it
+                found = await self._call(slot_key(k), "load")
+            except Exception:
+                continue
+            loads[found["pipeline"]] = found["load"]
+        return loads
+
+    async def open(self, session_id: str, views: int, seed: int | None = None,
+                   loads: dict[str, float] | None = None) -> bool:
+        """A new queue for the session on the pipeline with the fewest sessions (`loads`, asked
+        when not given, and counted up here), or the next if that one refuses (full, lost or
+        stopping): whether it has one; if not, it waits (`why_waiting`)."""
+        self._queue[session_id] = (views, seed)
+        loads = await self.loads() if loads is None else loads
+        why = "no denoiser pipeline is running"
+        for tag in sorted(loads, key=lambda t: (loads[t], t)):
+            try:
+                await self._call(owner_key(tag), "open", session_id, views, seed)
+            except Exception as err:
                 why = cause_of(err)
                 continue
-            self._pipeline_of[session_id] = opened["pipeline"]
+            loads[tag] += 1
+            self._pipeline_of[session_id] = tag
             self.waiting.pop(session_id, None)
             return True
         self.waiting[session_id] = why
         return False
 
-    async def place_waiting(self) -> list[str]:
-        """Ask once more for a queue for each waiting session; the sessions that got one."""
-        placed = []
-        for session_id in list(self.waiting):
-            if await self.open(session_id, *self._queue[session_id]):
-                placed.append(session_id)
+    async def place_waiting(self, sessions: list[str]) -> list[str]:
+        """Ask once more for a queue for each of these waiting sessions; those that got one."""
+        placed, loads = [], None
+        for session_id in sessions:
+            if session_id in self.waiting:
+                loads = await self.loads() if loads is None else loads
+                if await self.open(session_id, *self._queue[session_id], loads=loads):
+                    placed.append(session_id)
         return placed
 
     async def report(self) -> None:

@@ -281,6 +281,10 @@ class QueueServer:
         wanted = sum(n for n, at in self._wanted.values() if at > now - WANTED_TTL_S)
         return {"sessions": float(len(self._pushed)), "wanted": float(wanted)}
 
+    def load(self) -> dict:
+        """This pipeline's tag and its sessions (`LOST_LOAD` once lost): where a new queue goes."""
+        return {"pipeline": self.tag, "load": LOST_LOAD if self.lost else len(self._pushed)}
+
     def record_routing_stats(self) -> dict:
         """What Serve's router weighs when it places a new session's queue here: the sessions
         held (a lost pipeline takes none)."""

@@ -251,27 +251,21 @@ class SessionManager:
             for frame in s.session.delivered(result.images.get(s.id, [])):
                 s.publisher.offer(frame)
             s.report_metrics()
-        if lost:  # at once: a pipeline that was just lost may be picked before it says so, so try others
-            await self._place_waiting(attempts=1 + self.queues.pipelines)
+        if lost:  # at once
+            await self._place_waiting()
 
-    async def _place_waiting(self, attempts: int = 1) -> None:
+    async def _place_waiting(self) -> None:
         """Ask for a queue for each session that waits for one (the pipelines were full, or its
         queue was lost): it keeps its id, stream and frame count, and its new queue warms up.
         With autoscaling, then tell the pipelines how many sessions want one."""
-        for session_id in list(self.queues.waiting):
-            if session_id not in self.sessions:
-                continue  # starting (its creation asks itself) or ended (and given back)
-            if await self.queues.open(session_id, *self._queue_options(self.sessions[session_id]), attempts=attempts):
-                log.info("driving session %s has a denoiser queue", session_id)
+        # Not those starting (their creation asks for theirs) nor those ended (given back).
+        for session_id in await self.queues.place_waiting([sid for sid in self.queues.waiting if sid in self.sessions]):
+            log.info("driving session %s has a denoiser queue", session_id)
         if self.autoscaled:
             try:
                 await self.queues.report()
             except Exception:
                 log.exception("reporting the sessions that want a denoiser queue")
-
-    def _queue_options(self, served: ServedSession) -> tuple[int, int | None]:
-        """(views, seed) of the session's queue."""
-        return served.session.builder.num_views, served.options.get("seed")
 
     async def _frames_out(self) -> None:
         """Wait until the last round's frames are out and handed to the publishers."""
@@ -341,7 +335,7 @@ class SessionManager:
             raise SessionLimit(f"no car could be added to the world: {cause_of(err)}") from None
         try:
             # No pipeline with room: the session waits for one (its state says so).
-            await self.queues.open(session_id, builder.num_views, options.get("seed"), attempts=1 + self.queues.pipelines)
+            await self.queues.open(session_id, builder.num_views, options.get("seed"))
             control = VehicleControl()
             if autopilot:
                 control = await self.world.set_autopilot(ego_id, True)
