@@ -2,7 +2,8 @@
 
 Serve owns the pipelines: `serve.pipelines` is the deployment's number of replicas, each one
 pipeline, and a session owner places a new session's queue on the one with the fewest
-sessions (`deployments.pipeline_queues`; each reports its load, `deployments.routing`).
+sessions (`deployments.pipeline_queues`, which asks each its `load`), and every later call
+about it goes to that pipeline (`deployments.routing`).
 
 `pipeline.bands` 1 (the default): the replica holds the model and each session's
 `StreamingPipeline` (its FIFO queue and cached contexts) around it. A round hands all its
@@ -42,7 +43,7 @@ from deployments import metrics
 from deployments.logs import route_library_logs
 from deployments.memory import HeapTrimmer
 from deployments.pipeline_scaling import autoscaled
-from deployments.routing import LOAD_STAT, replica_tag
+from deployments.routing import replica_tag
 from deployments.stages import STAGE_LOST, PipelineLost, StagePipeline, queue_schedule
 from dwm.conditions.packed import PackedConditions
 from dwm.pipelines.cfg_parallel import RowParallelDenoiser, join_group
@@ -173,9 +174,8 @@ class QueueServer:
         self._autoscaled = autoscaled(self.cfg)
         self._calls_per_round = schedule.steps_per_shift * (1 if self.cfg.pipeline.batch_bands else schedule.bands)
 
-    def open(self, session_id: str, views: int, seed: int | None = None) -> dict:
-        """A new, empty queue for a session. Returns its depth (frames from conditions in to
-        picture out - 1) and this pipeline's tag (where the session's pushes go)."""
+    def open(self, session_id: str, views: int, seed: int | None = None) -> int:
+        """A new, empty queue for a session; returns its depth (frames from conditions in to picture out - 1)."""
         with self._lock:
             if self.lost:
                 raise PipelineLost(f"denoiser pipeline {self.tag} takes no sessions: {self.lost}")
@@ -192,7 +192,7 @@ class QueueServer:
                 if self.partner:
                     ray.get(self.partner.open.remote(session_id, views, seed))
                 depth = self.queues.open(session_id, views, seed)
-            return {"depth": depth, "pipeline": self.tag}
+            return depth
 
     def close(self, session_id: str) -> None:
         """Drop a session's queue state."""
@@ -284,11 +284,6 @@ class QueueServer:
     def load(self) -> dict:
         """This pipeline's tag and its sessions (`LOST_LOAD` once lost): where a new queue goes."""
         return {"pipeline": self.tag, "load": LOST_LOAD if self.lost else len(self._pushed)}
-
-    def record_routing_stats(self) -> dict:
-        """What Serve's router weighs when it places a new session's queue here: the sessions
-        held (a lost pipeline takes none)."""
-        return {LOAD_STAT: LOST_LOAD if self.lost else len(self._pushed)}
 
     def placement(self) -> dict:
         """Where this pipeline runs: its tag, health, sessions, each stage's band, GPU ids and
